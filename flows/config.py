@@ -1,0 +1,274 @@
+"""Typed configuration: dataclasses, YAML files and dotted ``key=value`` overrides.
+
+Every key is checked: an unknown key names the nearest valid one, a value of the wrong type
+names the expected type. ``load_config(path, overrides)`` is the only entry point the scripts use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flows.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "SolverConfig",
+    "ObjectiveConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+]
+
+TOY_DATASETS = (
+    "checkerboard",
+    "8gaussians",
+    "pinwheel",
+    "2spirals",
+    "moons",
+    "circles",
+    "swissroll",
+    "rings",
+)
+
+
+@dataclass
+class DataConfig:
+    name: str = "checkerboard"  # a toy density, "digits", or "tabular"
+    path: str | None = None  # .npy / .npz file for "tabular"
+    train_size: int = 1_000_000  # toy densities: points generated for training
+    test_size: int = 10_000  # toy densities: held-out points (generated with test_seed)
+    test_fraction: float = 0.2  # digits / tabular: share held out
+    seed: int = 0
+    test_seed: int = 1
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
+    activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
+    time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
+
+
+@dataclass
+class SolverConfig:
+    method: str = "dopri5"  # any torchdiffeq method
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    step_size: float | None = None  # fixed-step methods (euler, rk4, midpoint)
+    adjoint: bool = True  # adjoint gradients (O(1) memory) or direct backprop
+    max_steps: int = 10_000  # adaptive solvers give up (with a clear error) past this
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["mle"] = "mle"
+    trace: Literal["exact", "hutchinson"] = "exact"
+    probe: Literal["rademacher", "gaussian"] = "rademacher"
+    kinetic: float = 0.0  # weight of the kinetic energy  ∫‖v‖² dt  (RNODE)
+    jacobian: float = 0.0  # weight of the Jacobian Frobenius norm  ∫‖∂v/∂x‖²_F dt  (RNODE)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 512  # global batch, split over processes
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500  # held-out NLL on eval.periodic_size points; 0 disables
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
+    time_limit: float | None = None  # minutes; stop (and evaluate, save) when exceeded
+
+
+@dataclass
+class EvalConfig:
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(adjoint=False))
+    trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for dim <= 64
+    batch_size: int = 2000
+    periodic_size: int = 2000  # held-out points used by the periodic evaluations
+    plot: bool = True  # 2D data: samples and density pictures at the end
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/toy2d_mle"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        checks = [
+            (self.train.steps >= 0, "train.steps must be >= 0"),
+            (self.train.batch_size > 0, "train.batch_size must be > 0"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (0 <= self.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+            (self.train.log_every > 0, "train.log_every must be > 0"),
+            (self.train.save_every > 0, "train.save_every must be > 0"),
+            (self.train.keep_checkpoints > 0, "train.keep_checkpoints must be > 0"),
+            (self.train.max_bad_steps > 0, "train.max_bad_steps must be > 0"),
+            (self.eval.batch_size > 0, "eval.batch_size must be > 0"),
+            (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+            (self.data.train_size > 0 and self.data.test_size > 0, "data sizes must be > 0"),
+            (bool(self.model.hidden) and min(self.model.hidden) > 0, "model.hidden: widths > 0"),
+            (self.objective.kinetic >= 0, "objective.kinetic must be >= 0"),
+            (self.objective.jacobian >= 0, "objective.jacobian must be >= 0"),
+        ]
+        for prefix, s in (("solver", self.solver), ("eval.solver", self.eval.solver)):
+            checks += [
+                (s.atol > 0 and s.rtol > 0, f"{prefix}.atol and {prefix}.rtol must be > 0"),
+                (s.step_size is None or s.step_size > 0, f"{prefix}.step_size must be > 0"),
+                (s.max_steps > 0, f"{prefix}.max_steps must be > 0"),
+            ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid config value: {message}.")
+        if self.data.name not in (*TOY_DATASETS, "digits", "tabular"):
+            _unknown("data.name", self.data.name, (*TOY_DATASETS, "digits", "tabular"))
+        if self.data.name == "tabular" and not self.data.path:
+            raise ConfigError("data.name=tabular needs data.path=FILE.npy (or .npz).")
+        return self
+
+
+def _unknown(key: str, value: str, valid: typing.Iterable[str]) -> typing.NoReturn:
+    valid = list(valid)
+    near = difflib.get_close_matches(value, valid, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    raise ConfigError(f"{key}: unknown value '{value}'.{hint} Valid: {', '.join(valid)}.")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}.")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value not in args:
+            _unknown(key, str(value), [str(a) for a in args])
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})."
+        )
+    return float(value) if tp is float else value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'.{hint} "
+                f"Valid keys here: {', '.join(prefix + n for n in names)}."
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=1e-3).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse the value: {e}") from None
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip().split("."), value
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults ← YAML file ← ``key.sub=value`` overrides, validated."""
+    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section.")
+            node = child
+        node[keys[-1]] = value
+    return from_dict(Config, data).validate()

@@ -1,0 +1,63 @@
+"""Pictures of 2D models: data, samples and the learned density side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_2d", "grid"]
+
+
+def grid(data: np.ndarray, size: int = 150, margin: float = 0.05) -> tuple[np.ndarray, list[float]]:
+    """Points of a size×size grid over the data's range; returns (points (size², 2), extent)."""
+    lo, hi = np.quantile(data, 0.001, axis=0), np.quantile(data, 0.999, axis=0)
+    pad = (hi - lo) * margin
+    lo, hi = lo - pad, hi + pad
+    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
+    xx, yy = np.meshgrid(xs, ys)
+    return np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32), [lo[0], hi[0], lo[1], hi[1]]
+
+
+def plot_2d(
+    path: str | Path,
+    data: np.ndarray,
+    samples: np.ndarray | None = None,
+    log_density: np.ndarray | None = None,
+    extent: list[float] | None = None,
+    title: str = "",
+) -> Path:
+    """Data beside model samples and/or the model density (``log_density`` on ``grid``)."""
+    panels = [("data", data)]
+    if samples is not None:
+        panels.append(("samples", samples))
+    n = len(panels) + int(log_density is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4.2), squeeze=False)
+    axes = axes[0]
+    limits = extent or [*np.quantile(data[:, 0], [0.001, 0.999]), *np.quantile(data[:, 1], [0.001, 0.999])]
+    for ax, (name, pts) in zip(axes, panels, strict=False):
+        ax.hist2d(pts[:, 0], pts[:, 1], bins=150, range=[limits[:2], limits[2:]], cmap="magma")
+        ax.set_title(f"{name} ({len(pts):,} points)")
+    if log_density is not None:
+        size = int(round(np.sqrt(log_density.size)))
+        axes[-1].imshow(
+            np.exp(log_density.reshape(size, size)),
+            origin="lower",
+            extent=limits,
+            cmap="magma",
+            aspect="auto",
+        )
+        axes[-1].set_title("model density")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,332 @@
+"""The Accelerate training loop: one process, several CPU processes, or many GPUs, unchanged.
+
+Objective modules (``forward(x) -> (loss, stats)``) go through ``accelerator.prepare``; the EMA
+copy of the field stays outside DDP. Checkpoints: ``run_dir/checkpoints/step_N`` (Accelerate
+state: model, optimizer, scheduler, RNG of every process; plus our EMA in safetensors and the
+step counters in JSON), written to a temporary directory and renamed, so a kill mid-save keeps
+the previous one; ``run_dir/model.safetensors`` is the slim inference file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from flows import checkpoint
+from flows.config import Config, to_dict
+from flows.data import VectorData, bits_per_dim, build_data
+from flows.errors import SolverError, TrainingAborted
+from flows.likelihood import log_prob
+from flows.nn import build_field
+from flows.objectives import build_objective
+
+__all__ = ["train", "evaluate_nll", "latest_checkpoint"]
+
+
+def ema_avg_fn(decay: float):
+    """EMA with the usual warm-up: the decay grows as (1 + n) / (10 + n) up to ``decay``."""
+
+    def avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return averaged * d + current * (1 - d)
+
+    return avg
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    bad_steps: int = 0
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _eval_trace(cfg: Config, dim: int) -> str:
+    return ("exact" if dim <= 64 else "hutchinson") if cfg.eval.trace == "auto" else cfg.eval.trace
+
+
+@torch.no_grad()
+def evaluate_nll(
+    accelerator: Accelerator, field: nn.Module, loader: DataLoader, data: VectorData, cfg: Config
+) -> dict[str, Any]:
+    """Held-out NLL (reporting space), split over processes and gathered without padding."""
+    start, trace, pre = time.perf_counter(), _eval_trace(cfg, data.dim), data.preprocess
+    values, nfe = [], []
+    for (raw,) in loader:
+        res = log_prob(field, pre(raw), cfg.eval.solver, trace)
+        values.append(accelerator.gather_for_metrics(res.log_prob + pre.log_det(data.dim)))
+        nfe.append(res.nfe.forward)
+    lp = torch.cat(values).double()
+    nll = -lp.mean().item()
+    out = {
+        "nll": nll,
+        "nll_se": (lp.std() / math.sqrt(len(lp))).item(),
+        "n": len(lp),
+        "nfe": sum(nfe) / len(nfe),
+        "trace": trace,
+        "solver": f"{cfg.eval.solver.method} atol={cfg.eval.solver.atol:g} rtol={cfg.eval.solver.rtol:g}",
+        "seconds": time.perf_counter() - start,
+    }
+    if pre.levels is not None:
+        out["bpd"] = bits_per_dim(nll, data.dim, pre.levels)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        self.accelerator = acc = Accelerator(
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+            step_scheduler_with_optimizer=False,
+        )
+        if cfg.train.batch_size % acc.num_processes:
+            raise TrainingAborted(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                f"number of processes ({acc.num_processes})."
+            )
+        set_seed(cfg.train.seed)  # identical initial weights on every process
+        self.data = build_data(cfg.data)
+        self.field = build_field(cfg.model, self.data.dim)
+        self.ema = AveragedModel(self.field, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        objective = build_objective(self.field, cfg.solver, cfg.objective)
+        opt = torch.optim.Adam(self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        warmup = max(cfg.train.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        loader = DataLoader(
+            TensorDataset(self.data.train), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
+        )
+        if len(loader) == 0:
+            raise TrainingAborted(
+                f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.data.train)} training rows."
+            )
+        self.objective, self.opt, self.loader, self.sched = acc.prepare(objective, opt, loader, sched)
+        test = self.data.test
+        self.eval_loaders = {
+            name: acc.prepare_data_loader(DataLoader(TensorDataset(x), batch_size=cfg.eval.batch_size))
+            for name, x in (("periodic", test[: cfg.eval.periodic_size]), ("final", test))
+        }
+        self.progress = Progress()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            self._load(self._resume_dir())
+        else:
+            self._check_fresh()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # ----------------------------------------------------------------- checkpoints
+    def _check_fresh(self) -> None:
+        if latest_checkpoint(self.run_dir) or (self.run_dir / checkpoint.MODEL_FILE).exists():
+            raise TrainingAborted(
+                f"run directory '{self.run_dir}' already holds a run. Continue it with --resume "
+                f"{self.run_dir}, or choose another directory with run_dir=... (nothing was changed)."
+            )
+
+    def _resume_dir(self) -> Path:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise TrainingAborted(f"--resume: no checkpoint in '{self.run_dir}/checkpoints'.")
+        return ckpt
+
+    def _load(self, ckpt: Path) -> None:
+        self.accelerator.load_state(str(ckpt))
+        self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        self.accelerator.print(f"resumed from {ckpt} at step {self.progress.step}")
+
+    def save(self) -> None:
+        acc, step = self.accelerator, self.progress.step
+        final = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        tmp = final.with_name(f".tmp_{final.name}")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            save_file(
+                {k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors")
+            )
+            (tmp / "progress.json").write_text(json.dumps(vars(self.progress)))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(final.parent.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            checkpoint.export(
+                self.run_dir / checkpoint.MODEL_FILE,
+                self.field,
+                self.ema,
+                self.data.preprocess,
+                self.cfg,
+                self.data.dim,
+                step,
+            )
+        acc.wait_for_everyone()
+
+    # ----------------------------------------------------------------- logging
+    def log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def evaluate(self, which: str) -> dict[str, Any]:
+        result = evaluate_nll(
+            self.accelerator, self.ema.module, self.eval_loaders[which], self.data, self.cfg
+        )
+        self.log({"step": self.progress.step, "eval": which, **result})
+        bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
+        self.accelerator.print(
+            f"step {self.progress.step}: held-out NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
+            f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, {result['seconds']:.1f} s)"
+        )
+        return result
+
+    # ----------------------------------------------------------------- the loop
+    def _batches(self):
+        per_epoch = len(self.loader)
+        epoch, skip = divmod(self.progress.step, per_epoch)
+        while True:
+            self.loader.set_epoch(epoch)
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            yield from loader
+            epoch, skip = epoch + 1, 0
+
+    def _any(self, flag: bool) -> bool:
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "sum").item() > 0)
+
+    def step(self, raw: Tensor) -> dict[str, Any] | None:
+        acc, cfg = self.accelerator, self.cfg
+        x = self.data.preprocess(raw)
+        try:
+            loss, stats = self.objective(x)
+            failure = None if torch.isfinite(loss) else "non-finite loss"
+        except SolverError as e:
+            loss, stats, failure = None, {}, str(e)
+        if self._any(failure is not None):
+            return self._bad_step(failure or "non-finite loss on another process")
+        acc.backward(loss)
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.objective.parameters(), max_norm)
+        if not torch.isfinite(grad_norm):
+            self.opt.zero_grad(set_to_none=True)
+            return self._bad_step("non-finite gradient")
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update_parameters(self.field)
+        nfe = stats["nfe"]
+        values = torch.tensor(
+            [
+                loss.item(),
+                stats["nll"].item(),
+                stats.get("kinetic", torch.nan),
+                stats.get("jacobian", torch.nan),
+                nfe.forward,
+                nfe.backward,
+            ],
+            device=acc.device,
+        )
+        values = acc.reduce(values, "mean")
+        names = ("loss", "nll", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
+        record = {k: v for k, v in zip(names, values.tolist(), strict=True) if not math.isnan(v)}
+        record |= {"grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
+        return record
+
+    def _bad_step(self, reason: str) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.progress.bad_steps += 1
+        self.accelerator.print(
+            f"step {self.progress.step}: skipped ({reason}); "
+            f"{self.progress.bad_steps}/{self.cfg.train.max_bad_steps} bad steps"
+        )
+        self.log({"step": self.progress.step, "skipped": reason[:500]})
+        if self.progress.bad_steps >= self.cfg.train.max_bad_steps:
+            self.save()
+            raise TrainingAborted(
+                f"stopped after {self.progress.bad_steps} bad steps (last: {reason}). A checkpoint of step "
+                f"{self.progress.step} was saved in {self.run_dir}/checkpoints; fix the cause (lower train.lr, "
+                f"add regularization, loosen tolerances) and continue with --resume {self.run_dir} "
+                f"(raise train.max_bad_steps to tolerate more)."
+            )
+        return None
+
+    def run(self) -> dict[str, Any] | None:
+        acc, cfg, tc = self.accelerator, self.cfg, self.cfg.train
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.progress.step,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            desc="train",
+        )
+        start, batches = time.perf_counter(), self._batches()
+        self.objective.train()
+        while self.progress.step < tc.steps:
+            if tc.time_limit is not None and self._any(time.perf_counter() - start > 60 * tc.time_limit):
+                acc.print(f"time limit of {tc.time_limit} min reached at step {self.progress.step}")
+                break
+            (raw,) = next(batches)
+            t0 = time.perf_counter()
+            record = self.step(raw)
+            if record is None:
+                continue
+            self.progress.step += 1
+            bar.update(1)
+            step = self.progress.step
+            if step % tc.log_every == 0 or step == 1:
+                record |= {
+                    "step": step,
+                    "step_time": time.perf_counter() - t0,
+                    "elapsed": time.perf_counter() - start,
+                }
+                self.log(record)
+                bar.set_postfix(
+                    nll=f"{record['nll']:.3f}",
+                    nfe=f"{record['nfe_forward']:.0f}/{record['nfe_backward']:.0f}",
+                )
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                self.evaluate("periodic")
+            if step % tc.save_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        result = self.evaluate("final")
+        if acc.is_main_process:
+            (self.run_dir / "eval.json").write_text(
+                json.dumps({"step": self.progress.step, **result}, indent=2)
+            )
+            if cfg.eval.plot and self.data.dim == 2:
+                from flows.report import plot_run
+
+                plot_run(self.run_dir)
+        acc.wait_for_everyone()
+        return result
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
+    """Train ``cfg`` (or continue it with ``resume``); returns the final held-out evaluation."""
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.accelerator.end_training()
