@@ -14,15 +14,28 @@ __all__ = ["divergence_exact", "divergence_hutchinson", "draw_probe"]
 
 
 def divergence_exact(v: Tensor, x: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
-    """Exact trace by D batched vector-Jacobian products (one vmapped backward pass).
+    """Exact trace by D vector-Jacobian products (batched into one vmapped backward pass).
 
     v, x: (B, *shape) with v computed from x. Returns div (B,), ‖∂v/∂x‖²_F (B,).
     """
     batch, dim = x.shape[0], x[0].numel()
+    if not v.requires_grad:  # v does not depend on x (e.g. a constant field)
+        return v.new_zeros(batch), v.new_zeros(batch)
+    if dim <= 4:  # a few plain VJPs beat vmap's overhead (measured: 5-15% per step at D=2)
+        flat = v.reshape(batch, dim)
+        rows = torch.stack(
+            [
+                torch.autograd.grad(
+                    flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True, materialize_grads=True
+                )[0]
+                for i in range(dim)
+            ]
+        ).reshape(dim, batch, dim)
+        return torch.diagonal(rows, dim1=0, dim2=2).sum(-1), rows.pow(2).sum((0, 2))
     basis = torch.eye(dim, dtype=v.dtype, device=v.device).reshape(dim, 1, *x.shape[1:])
     basis = basis.expand(dim, batch, *x.shape[1:])
     (rows,) = torch.autograd.grad(
-        v, x, basis, create_graph=create_graph, is_grads_batched=True
+        v, x, basis, create_graph=create_graph, is_grads_batched=True, materialize_grads=True
     )  # rows[i, b] = e_iᵀ J_b, the i-th row of sample b's Jacobian
     rows = rows.reshape(dim, batch, dim)
     div = torch.diagonal(rows, dim1=0, dim2=2).sum(-1)
@@ -33,7 +46,9 @@ def divergence_hutchinson(
     v: Tensor, x: Tensor, probe: Tensor, create_graph: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate εᵀ (∂v/∂x) ε with the given probe ε (same shape as x)."""
-    (eps_jac,) = torch.autograd.grad(v, x, probe, create_graph=create_graph)
+    if not v.requires_grad:
+        return v.new_zeros(x.shape[0]), v.new_zeros(x.shape[0])
+    (eps_jac,) = torch.autograd.grad(v, x, probe, create_graph=create_graph, materialize_grads=True)
     div = (eps_jac * probe).flatten(1).sum(1)
     return div, eps_jac.pow(2).flatten(1).sum(1)
 

@@ -1,0 +1,56 @@
+import pickle
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from flows import checkpoint
+from flows.config import Config
+from flows.data import Preprocess
+from flows.errors import CheckpointError
+from flows.nn import build_field
+
+
+def make(tmp_path):
+    cfg = Config()
+    cfg.model.hidden = [8, 8]
+    field = build_field(cfg.model, 2)
+    ema = AveragedModel(field, use_buffers=True)
+    pre = Preprocess(torch.tensor(0.5), torch.tensor(2.0))
+    return checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 7), field
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    path, field = make(tmp_path)
+    loaded = checkpoint.load(tmp_path, weights="model")
+    x, t = torch.randn(5, 2), torch.rand(5)
+    torch.testing.assert_close(loaded.field(x, t), field(x, t), atol=0, rtol=0)
+    assert loaded.step == 7 and loaded.config.model.hidden == [8, 8]
+    assert float(loaded.preprocess.scale) == 2.0
+
+
+def test_pickle_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.load(bad)
+    torch.save({"x": Exploit()}, tmp_path / "zip.pt")
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.load(tmp_path / "zip.pt")
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_files_are_refused(tmp_path):
+    path, _ = make(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "elsewhere")

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from flows.config import DataConfig, load_config
+from flows.data import bits_per_dim, build_data, load_array
+from flows.errors import ConfigError, DataError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  steps: 5\nmodel:\n  hidden: [8, 8]\n")
+    cfg = load_config(path, ["train.steps=7", "objective.kinetic=0.01", "solver.step_size=null"])
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.model.hidden == [8, 8]
+    assert cfg.objective.kinetic == 0.01 and cfg.solver.step_size is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'. Did you mean 'train.lr'"),
+        (["trian.lr=1"], "Did you mean 'train'"),
+        (["train.steps=ten"], "'train.steps' expects int"),
+        (["model.hidden=5"], "expects a list"),
+        (["model.activation=relu"], "unknown value 'relu'"),
+        (["data.name=checkerbord"], "Did you mean 'checkerboard'"),
+        (["train.batch_size=0"], "train.batch_size must be > 0"),
+        (["solver.atol=-1"], "solver.atol"),
+        (["data.name=tabular"], "data.path"),
+        (["novalue"], "key=value"),
+    ],
+)
+def test_bad_config_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_toy_data_is_seeded_and_test_differs():
+    a = build_data(DataConfig(train_size=100, test_size=50))
+    b = build_data(DataConfig(train_size=100, test_size=50))
+    torch.testing.assert_close(a.train, b.train)
+    assert not torch.allclose(a.train[:50], a.test)
+    assert a.train.shape == (100, 2)
+
+
+def test_tabular_standardizes_and_counts_the_log_det(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.normal([1.0, -3.0, 10.0], [2.0, 0.5, 4.0], size=(500, 3))
+    np.save(tmp_path / "t.npy", values)
+    data = build_data(DataConfig(name="tabular", path=str(tmp_path / "t.npy")))
+    x = data.preprocess(data.train)
+    torch.testing.assert_close(x.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    # log p_data = log p_model + log_det, log_det = −Σ log σ
+    assert data.preprocess.log_det(3) == pytest.approx(-np.log(data.train.std(0).double().numpy()).sum())
+
+
+def test_nan_rows_are_refused_with_the_first_bad_row(tmp_path):
+    values = np.ones((10, 2))
+    values[3, 1] = np.nan
+    values[7, 0] = np.inf
+    np.save(tmp_path / "bad.npy", values)
+    with pytest.raises(DataError, match="first bad row 3"):
+        load_array(tmp_path / "bad.npy")
+    with pytest.raises(DataError, match="does not exist"):
+        load_array(tmp_path / "nope.npy")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 2)))
+    with pytest.raises(DataError, match="non-empty"):
+        load_array(tmp_path / "empty.npy")
+
+
+def test_digits_dequantize_into_unit_interval():
+    data = build_data(DataConfig(name="digits"))
+    assert data.dim == 64 and data.preprocess.levels == 17
+    y = data.preprocess.inverse(data.preprocess(data.train))
+    assert y.min() >= 0 and y.max() < 1
+    assert len(data.train) + len(data.test) == 1797
+    assert bits_per_dim(0.0, 64, 256) == pytest.approx(8.0)

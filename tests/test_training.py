@@ -1,0 +1,152 @@
+"""Training end to end: subprocess CLI, resume, non-finite steps, and two processes = one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+from safetensors.torch import load_file
+
+from flows.config import load_config
+from flows.errors import TrainingAborted
+from flows.training import Trainer, train
+
+
+def model_weights(run_dir):
+    return {k: v for k, v in load_file(str(run_dir / "model.safetensors")).items() if k.startswith("model.")}
+
+
+def run(args, extra_env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_default_command_trains_samples_and_plots(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(run_dir, steps=4) if not o.startswith("eval.plot")]
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_cpu_threads_per_process",
+            "1",
+            "train.py",
+            *overrides,
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "config.yaml", "metrics.jsonl", "eval.json", "samples.png"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["step"] == 4 and steps[-1]["nfe_forward"] > 0
+    assert json.loads((run_dir / "eval.json").read_text())["n"] == 16
+
+    proc = run([sys.executable, "sample.py", str(run_dir), "-n", "50", "--out", str(tmp_path / "s")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import numpy as np
+
+    assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (50, 2)
+    assert (tmp_path / "s" / "samples_scatter.png").is_file()
+
+
+def test_config_typo_exits_nonzero_and_names_the_key(tmp_path):
+    proc = run([sys.executable, "train.py", f"run_dir={tmp_path}/r", "train.stpes=3"])
+    assert proc.returncode == 2
+    assert "unknown config key 'train.stpes'. Did you mean 'train.steps'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tmp_path):
+    full = load_config(None, tiny_overrides(tmp_path / "full", steps=6))
+    train(full)
+    part = load_config(None, tiny_overrides(tmp_path / "part", steps=4))
+    train(part)
+    with pytest.raises(TrainingAborted, match="already holds a run"):
+        Trainer(part)
+    resumed = load_config(tmp_path / "part" / "config.yaml", ["train.steps=6"])
+    trainer = Trainer(resumed, resume=True)
+    assert trainer.progress.step == 4
+    trainer.run()
+    trainer.accelerator.end_training()
+    a, b = model_weights(tmp_path / "full"), model_weights(tmp_path / "part")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
+
+
+def test_non_finite_loss_skips_the_step_and_stops_with_a_resumable_checkpoint(tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "nan", steps=50), "train.max_bad_steps=3"])
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.field.state_dict().items()}
+    trainer.objective.forward = lambda x: (torch.tensor(float("nan")), {})
+    with pytest.raises(TrainingAborted, match="stopped after 3 bad steps"):
+        trainer.run()
+    for k, v in trainer.field.state_dict().items():
+        torch.testing.assert_close(v, before[k])  # nothing was applied
+    assert (tmp_path / "nan" / "checkpoints" / "step_00000000").is_dir()
+    resumed = Trainer(load_config(tmp_path / "nan" / "config.yaml", ["train.steps=2"]), resume=True)
+    assert resumed.progress.step == 0 and resumed.progress.bad_steps == 3
+    trainer.accelerator.end_training()
+
+
+WORKER = """
+import sys, torch
+from safetensors.torch import save_file
+from flows.config import load_config
+from flows.training import Trainer
+torch.set_num_threads(1)
+trainer = Trainer(load_config(None, sys.argv[2:]))
+trainer.run()
+rank = trainer.accelerator.process_index
+save_file({k: v.contiguous() for k, v in trainer.field.state_dict().items()}, f"{sys.argv[1]}/rank{rank}.safetensors")
+trainer.accelerator.end_training()
+"""
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        out.mkdir()
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "--num_cpu_threads_per_process",
+            "1",
+        ]
+        if n > 1:
+            launch.append("--multi_gpu")
+        proc = run(
+            [*launch, str(worker), str(out), *tiny_overrides(out / "run", steps=3)],
+            extra_env={"ACCELERATE_USE_CPU": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # one file per rank: two processes really ran (the wrong flags silently start one)
+        assert sorted(p.name for p in out.glob("rank*.safetensors")) == [
+            f"rank{r}.safetensors" for r in range(n)
+        ]
+        results[n] = [load_file(str(out / f"rank{r}.safetensors")) for r in range(n)]
+    (single,), (rank0, rank1) = results[1], results[2]
+    for key in single:
+        torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)  # ranks agree exactly
+        torch.testing.assert_close(rank0[key], single[key], atol=1e-6, rtol=1e-5)  # = one process
