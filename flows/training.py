@@ -196,7 +196,8 @@ class Trainer:
         bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
         self.accelerator.print(
             f"step {self.progress.step}: held-out NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
-            f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, {result['seconds']:.1f} s)"
+            f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, "
+            f"{result['seconds']:.1f} s)"
         )
         return result
 
@@ -264,8 +265,8 @@ class Trainer:
             self.save()
             raise TrainingAborted(
                 f"stopped after {self.progress.bad_steps} bad steps (last: {reason}). A checkpoint of step "
-                f"{self.progress.step} was saved in {self.run_dir}/checkpoints; fix the cause (lower train.lr, "
-                f"add regularization, loosen tolerances) and continue with --resume {self.run_dir} "
+                f"{self.progress.step} was saved in {self.run_dir}/checkpoints; fix the cause "
+                f"(lower train.lr, add regularization, loosen tolerances) and continue with --resume {self.run_dir} "
                 f"(raise train.max_bad_steps to tolerate more)."
             )
         return None

@@ -7,7 +7,10 @@ from flows.nn import TimeMLP
 
 
 def full_jacobians(field, x, t):
-    return torch.stack([jacobian(lambda y: field(y[None], t[i : i + 1])[0], x[i]) for i in range(len(x))])
+    def one(i):
+        return jacobian(lambda y: field(y[None], t[i : i + 1])[0], x[i])
+
+    return torch.stack([one(i) for i in range(len(x))])
 
 
 @pytest.mark.parametrize("dim", [2, 5])  # the loop path (D <= 4) and the vmapped path

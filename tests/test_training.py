@@ -104,7 +104,8 @@ torch.set_num_threads(1)
 trainer = Trainer(load_config(None, sys.argv[2:]))
 trainer.run()
 rank = trainer.accelerator.process_index
-save_file({k: v.contiguous() for k, v in trainer.field.state_dict().items()}, f"{sys.argv[1]}/rank{rank}.safetensors")
+state = {k: v.contiguous() for k, v in trainer.field.state_dict().items()}
+save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors")
 trainer.accelerator.end_training()
 """
 
