@@ -266,7 +266,8 @@ class Trainer:
             raise TrainingAborted(
                 f"stopped after {self.progress.bad_steps} bad steps (last: {reason}). A checkpoint of step "
                 f"{self.progress.step} was saved in {self.run_dir}/checkpoints; fix the cause "
-                f"(lower train.lr, add regularization, loosen tolerances) and continue with --resume {self.run_dir} "
+                f"(lower train.lr, add regularization, loosen tolerances) and continue with "
+                f"--resume {self.run_dir} "
                 f"(raise train.max_bad_steps to tolerate more)."
             )
         return None
