@@ -86,6 +86,7 @@ class TrainConfig:
     batch_size: int = 512  # global batch, split over processes
     lr: float = 1e-3
     warmup_steps: int = 100
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to 0 at steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.999
@@ -95,7 +96,7 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
-    time_limit: float | None = None  # minutes; stop (and evaluate, save) when exceeded
+    time_limit: float | None = None  # minutes of training (evaluation excluded); then evaluate, save, stop
 
 
 @dataclass
@@ -204,9 +205,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if ok is None:
         raise TypeError(f"unsupported annotation {tp!r} for {key}")
     if not ok:
-        raise ConfigError(
-            f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})."
-        )
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
     return float(value) if tp is float else value
 
 
@@ -220,8 +219,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'.{hint} "
-                f"Valid keys here: {', '.join(prefix + n for n in names)}."
+                f"unknown config key '{prefix}{key}'.{hint} Valid keys here: {', '.join(prefix + n for n in names)}."
             )
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)

@@ -42,9 +42,7 @@ def divergence_exact(v: Tensor, x: Tensor, create_graph: bool = False) -> tuple[
     return div, rows.pow(2).sum((0, 2))
 
 
-def divergence_hutchinson(
-    v: Tensor, x: Tensor, probe: Tensor, create_graph: bool = False
-) -> tuple[Tensor, Tensor]:
+def divergence_hutchinson(v: Tensor, x: Tensor, probe: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate εᵀ (∂v/∂x) ε with the given probe ε (same shape as x)."""
     if not v.requires_grad:
         return v.new_zeros(x.shape[0]), v.new_zeros(x.shape[0])

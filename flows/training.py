@@ -48,6 +48,20 @@ def ema_avg_fn(decay: float):
     return avg
 
 
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then constant or a cosine decay to zero at ``train.steps``."""
+    warmup, total, cosine = max(cfg.train.warmup_steps, 1), cfg.train.steps, cfg.train.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine or total <= warmup:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    return factor
+
+
 @dataclass
 class Progress:
     step: int = 0
@@ -108,8 +122,7 @@ class Trainer:
         self.ema = AveragedModel(self.field, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
         objective = build_objective(self.field, cfg.solver, cfg.objective)
         opt = torch.optim.Adam(self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        warmup = max(cfg.train.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         loader = DataLoader(
             TensorDataset(self.data.train), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
         )
@@ -163,9 +176,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            save_file(
-                {k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors")
-            )
+            save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             (tmp / "progress.json").write_text(json.dumps(vars(self.progress)))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -188,11 +199,9 @@ class Trainer:
             with self.metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    def evaluate(self, which: str) -> dict[str, Any]:
-        result = evaluate_nll(
-            self.accelerator, self.ema.module, self.eval_loaders[which], self.data, self.cfg
-        )
-        self.log({"step": self.progress.step, "eval": which, **result})
+    def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
+        result = evaluate_nll(self.accelerator, self.ema.module, self.eval_loaders[which], self.data, self.cfg)
+        self.log({"step": self.progress.step, "eval": which, **extra, **result})
         bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
         self.accelerator.print(
             f"step {self.progress.step}: held-out NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
@@ -239,7 +248,7 @@ class Trainer:
         values = torch.tensor(
             [
                 loss.item(),
-                stats["nll"].item(),
+                stats["nll"].item() - self.data.preprocess.log_det(self.data.dim),
                 stats.get("kinetic", torch.nan),
                 stats.get("jacobian", torch.nan),
                 nfe.forward,
@@ -281,15 +290,16 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        start, batches = time.perf_counter(), self._batches()
+        train_time, batches = 0.0, self._batches()  # seconds in training steps (no eval, no saving)
         self.objective.train()
         while self.progress.step < tc.steps:
-            if tc.time_limit is not None and self._any(time.perf_counter() - start > 60 * tc.time_limit):
+            if tc.time_limit is not None and self._any(train_time > 60 * tc.time_limit):
                 acc.print(f"time limit of {tc.time_limit} min reached at step {self.progress.step}")
                 break
             (raw,) = next(batches)
             t0 = time.perf_counter()
             record = self.step(raw)
+            train_time += time.perf_counter() - t0
             if record is None:
                 continue
             self.progress.step += 1
@@ -299,7 +309,7 @@ class Trainer:
                 record |= {
                     "step": step,
                     "step_time": time.perf_counter() - t0,
-                    "elapsed": time.perf_counter() - start,
+                    "train_time": train_time,
                 }
                 self.log(record)
                 bar.set_postfix(
@@ -307,16 +317,14 @@ class Trainer:
                     nfe=f"{record['nfe_forward']:.0f}/{record['nfe_backward']:.0f}",
                 )
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                self.evaluate("periodic")
+                self.evaluate("periodic", train_time=train_time)
             if step % tc.save_every == 0:
                 self.save()
         bar.close()
         self.save()
-        result = self.evaluate("final")
+        result = self.evaluate("final", train_time=train_time)
         if acc.is_main_process:
-            (self.run_dir / "eval.json").write_text(
-                json.dumps({"step": self.progress.step, **result}, indent=2)
-            )
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.progress.step, **result}, indent=2))
             if cfg.eval.plot and self.data.dim == 2:
                 from flows.report import plot_run
 

@@ -21,9 +21,7 @@ def test_linear_flow_equals_matrix_exponential(linear_field):
 def test_divergence_integral_of_linear_field(linear_field):
     x0 = torch.randn(4, 3, dtype=torch.float64)
     sol = solve(linear_field, x0, 0.0, 1.0, TIGHT, trace="exact")
-    torch.testing.assert_close(
-        sol.divergence, torch.full((4,), linear_field.a.trace().item(), dtype=torch.float64)
-    )
+    torch.testing.assert_close(sol.divergence, torch.full((4,), linear_field.a.trace().item(), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])

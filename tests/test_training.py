@@ -143,9 +143,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         # one file per rank: two processes really ran (the wrong flags silently start one)
-        assert sorted(p.name for p in out.glob("rank*.safetensors")) == [
-            f"rank{r}.safetensors" for r in range(n)
-        ]
+        assert sorted(p.name for p in out.glob("rank*.safetensors")) == [f"rank{r}.safetensors" for r in range(n)]
         results[n] = [load_file(str(out / f"rank{r}.safetensors")) for r in range(n)]
     (single,), (rank0, rank1) = results[1], results[2]
     for key in single:

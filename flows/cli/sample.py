@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) if args.out else loaded.path.parent
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        x, nfe = sample(
-            loaded.field, args.n, (loaded.dim,), solver, generator=torch.Generator().manual_seed(args.seed)
-        )
+        x, nfe = sample(loaded.field, args.n, (loaded.dim,), solver, generator=torch.Generator().manual_seed(args.seed))
         seconds = time.perf_counter() - start
         data = loaded.preprocess.inverse(x).numpy()
         np.savez(out / "samples.npz", samples=data)

@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: thread setup, runs through the real trainer, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # tables only; progress bars would drown them
+
+from flows.config import load_config  # noqa: E402
+from flows.training import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_threads(n: int = 2) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    torch.set_num_threads(n)
+
+
+def records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training-step records, evaluation records) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
+
+
+def train_run(config: str | None, overrides: list[str]) -> tuple[Path, float]:
+    cfg = load_config(config, overrides)
+    start = time.perf_counter()
+    train(cfg)
+    return Path(cfg.run_dir), time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    return "\n".join([line, sep, *body])
