@@ -19,7 +19,7 @@ from flows.config import SolverConfig
 from flows.divergence import divergence_exact, divergence_hutchinson, draw_probe
 from flows.errors import SolverError
 
-__all__ = ["NFE", "Solution", "solve"]
+__all__ = ["NFE", "Solution", "solve", "solve_path"]
 
 FIXED_STEP = {"euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "heun3"}
 
@@ -121,28 +121,7 @@ def solve(
         return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
 
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    kwargs: dict = dict(method=solver.method)
-    if solver.method in FIXED_STEP:
-        if solver.step_size is not None:
-            kwargs["options"] = {"step_size": solver.step_size}
-    else:
-        kwargs.update(atol=solver.atol, rtol=solver.rtol)
-        kwargs["options"] = {"norm": norm, "max_num_steps": solver.max_steps}
-    try:
-        if solver.adjoint and torch.is_grad_enabled():
-            params = tuple(p for p in field.parameters() if p.requires_grad)
-            adjoint_options = {"norm": "seminorm"}
-            if solver.method not in FIXED_STEP:
-                adjoint_options["max_num_steps"] = solver.max_steps
-            elif solver.step_size is not None:
-                adjoint_options["step_size"] = solver.step_size
-            out = odeint_adjoint(
-                dynamics, state, times, adjoint_params=params, adjoint_options=adjoint_options, **kwargs
-            )
-        else:
-            out = odeint(dynamics, state, times, **kwargs)
-    except AssertionError as e:
-        raise solver_error(e, solver) from None
+    out = _odeint(dynamics, state, times, solver, field, norm)
     nfe.forward = nfe.total
     finals = [o[-1] for o in out]
     x1, rest = finals[0], finals[1:]
@@ -150,6 +129,40 @@ def solve(
     kin = rest.pop(0) if kinetic else None
     jac = rest.pop(0) if jacobian else None
     return Solution(x1, div, kin, jac, nfe)
+
+
+def _odeint(
+    dynamics: nn.Module, state: tuple[Tensor, ...], times: Tensor, solver: SolverConfig, field: nn.Module, norm=None
+) -> tuple[Tensor, ...]:
+    kwargs: dict = dict(method=solver.method)
+    if solver.method in FIXED_STEP:
+        if solver.step_size is not None:
+            kwargs["options"] = {"step_size": solver.step_size}
+    else:
+        kwargs.update(atol=solver.atol, rtol=solver.rtol)
+        kwargs["options"] = {"max_num_steps": solver.max_steps} | ({"norm": norm} if norm else {})
+    try:
+        if solver.adjoint and torch.is_grad_enabled():
+            params = tuple(p for p in field.parameters() if p.requires_grad)
+            adjoint_options: dict = {"norm": "seminorm"}
+            if solver.method not in FIXED_STEP:
+                adjoint_options["max_num_steps"] = solver.max_steps
+            elif solver.step_size is not None:
+                adjoint_options["step_size"] = solver.step_size
+            return odeint_adjoint(
+                dynamics, state, times, adjoint_params=params, adjoint_options=adjoint_options, **kwargs
+            )
+        return odeint(dynamics, state, times, **kwargs)
+    except AssertionError as e:
+        raise solver_error(e, solver) from None
+
+
+def solve_path(field: nn.Module, x: Tensor, times: Tensor, solver: SolverConfig) -> tuple[Tensor, NFE]:
+    """The states at each of ``times`` (T,), starting from x at times[0]: (T, B, ...)."""
+    nfe = NFE()
+    (path,) = _odeint(_Dynamics(field, None, None, False, False, nfe), (x,), times.to(x), solver, field)
+    nfe.forward = nfe.total
+    return path, nfe
 
 
 def solver_error(error: AssertionError, solver: SolverConfig) -> SolverError | AssertionError:

@@ -61,3 +61,22 @@ def plot_2d(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_paths(path: str | Path, paths: np.ndarray, log_density: np.ndarray, extent: list[float]) -> Path:
+    """Sample paths (T, K, 2) from noise (dots) to data (crosses) over the model density."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    size = int(round(np.sqrt(log_density.size)))
+    ax.imshow(np.exp(log_density.reshape(size, size)), origin="lower", extent=extent, cmap="Greys", aspect="auto")
+    for k in range(paths.shape[1]):
+        ax.plot(paths[:, k, 0], paths[:, k, 1], lw=0.8, alpha=0.8)
+    ax.scatter(paths[0, :, 0], paths[0, :, 1], s=8, c="tab:blue", label="t=0 (noise)")
+    ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=12, c="tab:red", marker="x", label="t=1 (data)")
+    ax.set_xlim(extent[:2])
+    ax.set_ylim(extent[2:])
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{paths.shape[1]} sample paths")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -22,7 +22,8 @@ def plot_run(run: str | Path, n_samples: int = 20_000, grid_size: int = 120, see
     cfg, pre = loaded.config, loaded.preprocess
     data = build_data(cfg.data).test.numpy()
     gen = torch.Generator().manual_seed(seed)
-    x, nfe = sample(loaded.field, n_samples, (loaded.dim,), cfg.eval.solver, generator=gen)
+    res = sample(loaded.field, n_samples, (loaded.dim,), cfg.eval.solver, generator=gen)
+    x, nfe = res.x, res.nfe
     points, extent = grid(data, grid_size)
     lp, _ = log_prob_chunked(loaded.field, pre(torch.from_numpy(points)), cfg.eval.solver, "exact", 10_000)
     lp = lp + pre.log_det(loaded.dim)

@@ -1,4 +1,7 @@
-"""``python sample.py RUN_OR_CHECKPOINT -n N [--out DIR] [--seed S] [solver options]``"""
+"""``python sample.py RUN_OR_CHECKPOINT -n N [--out DIR] [--seed S] [solver options]``
+
+``accelerate launch sample.py ...`` splits the samples over processes.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +15,22 @@ from flows.cli import run_cli
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sample.py", description="Draw samples from a trained flow.")
+    p = argparse.ArgumentParser(prog="sample.py", description="Draw samples from (or encode data with) a trained flow.")
     p.add_argument("checkpoint", help="run directory or model.safetensors")
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
-    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.add_argument("--out", help="output directory (default: <run>/samples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", help="torchdiffeq method (default: the run's eval solver)")
+    p.add_argument("--method", help="torchdiffeq method (default: the run's evaluation solver, dopri5)")
     p.add_argument("--atol", type=float)
     p.add_argument("--rtol", type=float)
-    p.add_argument("--steps", type=int, help="fixed-step methods: number of steps")
+    p.add_argument("--steps", type=int, help="fixed-step methods (euler, midpoint, rk4): number of steps")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--trajectories", type=int, default=0, metavar="K", help="also save K sample paths (and a picture)")
+    p.add_argument(
+        "--encode", action="store_true", help="reverse mode: map data (the run's test split, or --data) to noise"
+    )
+    p.add_argument("--data", help="with --encode: .npy/.npz of raw points")
+    p.add_argument("--chunk", type=int, default=10_000, help="points per solve (bounds memory)")
     return p.parse_args(argv)
 
 
@@ -31,47 +40,108 @@ def main(argv: list[str] | None = None) -> None:
     def go() -> None:
         import numpy as np
         import torch
+        from accelerate import Accelerator
+        from accelerate.utils import gather_object
 
         from flows import checkpoint
-        from flows.data import build_data
+        from flows.data import build_data, load_array
         from flows.errors import FlowsError
-        from flows.plotting import plot_2d
-        from flows.sampling import sample
+        from flows.sampling import encode, sample, transport_summary
 
-        if args.n <= 0:
-            raise FlowsError(f"-n must be positive, got {args.n}")
+        if args.n <= 0 or args.chunk <= 0:
+            raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
+        if args.steps is not None and args.steps <= 0:
+            raise FlowsError("--steps must be positive")
         loaded = checkpoint.load(args.checkpoint, args.weights)
         solver = loaded.config.eval.solver
         changes = {k: v for k, v in (("method", args.method), ("atol", args.atol), ("rtol", args.rtol)) if v}
         if args.steps:
             changes["step_size"] = 1.0 / args.steps
-        solver = dataclasses.replace(solver, **changes)
-        out = Path(args.out) if args.out else loaded.path.parent
-        out.mkdir(parents=True, exist_ok=True)
+            changes.setdefault("method", "rk4" if solver.method not in ("euler", "midpoint", "rk4") else solver.method)
+        solver = dataclasses.replace(solver, **changes, adjoint=False)
+        acc = Accelerator()
+        out = Path(args.out) if args.out else loaded.path.parent / ("codes" if args.encode else "samples")
+        pre, dim = loaded.preprocess, loaded.dim
         start = time.perf_counter()
-        x, nfe = sample(loaded.field, args.n, (loaded.dim,), solver, generator=torch.Generator().manual_seed(args.seed))
+        if args.encode:
+            raw = load_array(args.data) if args.data else build_data(loaded.config.data).test
+            if raw.shape[1:] != (dim,):
+                raise FlowsError(f"data has shape {tuple(raw.shape[1:])} per point; the model expects ({dim},).")
+            raw = raw[: args.n]
+            mine = raw[acc.process_index :: acc.num_processes]
+            res = encode(loaded.field, pre(mine, dequantize=pre.levels is not None), solver, args.chunk)
+        else:
+            share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
+            gen = torch.Generator().manual_seed(args.seed + 1_000_003 * acc.process_index)
+            res = sample(loaded.field, share, (dim,), solver, args.chunk, gen)
         seconds = time.perf_counter() - start
-        data = loaded.preprocess.inverse(x).numpy()
-        np.savez(out / "samples.npz", samples=data)
+        parts = gather_object([(res.x, res.z, res.kinetic, res.nfe)])
+        if not acc.is_main_process:
+            return
+        x, z, kinetic = (torch.cat([p[i] for p in parts]) for i in range(3))
+        res = type(res)(x, z, sum(p[3] for p in parts), kinetic)
+        out.mkdir(parents=True, exist_ok=True)
         info = {
-            "n": args.n,
-            "nfe": nfe,
+            "mode": "encode" if args.encode else "sample",
+            "n": len(x),
+            "nfe": res.nfe,
             "seconds": seconds,
+            **transport_summary(res),
+            "processes": acc.num_processes,
             "solver": dataclasses.asdict(solver),
             "checkpoint": str(loaded.path),
             "step": loaded.step,
             "weights": args.weights,
         }
-        written = [out / "samples.npz"]
-        if loaded.dim == 2:
-            reference = build_data(loaded.config.data).test.numpy()
-            written.append(
-                plot_2d(out / "samples_scatter.png", reference, data, title=f"{args.n:,} samples, NFE {nfe}")
-            )
+        written = []
+        if args.encode:
+            np.savez(out / "codes.npz", codes=x.numpy(), data=pre.inverse(z).numpy())
+            info |= {"code_mean": x.mean().item(), "code_std": x.std().item()}
+            written.append(out / "codes.npz")
+        else:
+            data = pre.inverse(x)
+            np.savez(out / "samples.npz", samples=data.numpy(), noise=z.numpy())
+            written.append(out / "samples.npz")
+            written += pictures(loaded, data, out, args, solver, info)
+        (out / "info.json").write_text(json.dumps(info, indent=2))
         print(json.dumps(info, indent=2))
-        print("wrote " + ", ".join(str(w) for w in written))
+        print("wrote " + ", ".join(str(w) for w in [*written, out / "info.json"]))
 
     run_cli(go)
+
+
+def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
+    import numpy as np
+    import torch
+
+    from flows.data import build_data
+    from flows.likelihood import log_prob_chunked
+    from flows.ode import solve_path
+    from flows.plotting import grid, plot_2d, plot_paths
+
+    written = []
+    if loaded.config.data.name == "digits":
+        from torchvision.utils import save_image
+
+        images = data[:64].reshape(-1, 1, 8, 8).clamp(0, 1)
+        save_image(images, out / "samples_grid.png", nrow=8, padding=1)
+        written.append(out / "samples_grid.png")
+    if loaded.dim != 2:
+        return written
+    pre = loaded.preprocess
+    reference = build_data(loaded.config.data).test.numpy()
+    points, extent = grid(reference, 120)
+    lp, _ = log_prob_chunked(loaded.field, pre(torch.from_numpy(points)), solver, "exact", args.chunk)
+    lp = (lp + pre.log_det(2)).numpy().astype(np.float64)
+    title = f"{len(data):,} samples, NFE {info['nfe']}, straightness {info['straightness']:.3f}"
+    written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
+    if args.trajectories:
+        z = torch.randn(args.trajectories, 2, generator=torch.Generator().manual_seed(args.seed + 7))
+        path, _ = solve_path(loaded.field, z, torch.linspace(0, 1, 60), solver)
+        path = pre.inverse(path)
+        np.save(out / "trajectories.npy", path.numpy())
+        written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]
+    return written
 
 
 if __name__ == "__main__":

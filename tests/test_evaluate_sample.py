@@ -1,0 +1,206 @@
+"""evaluate.py and sample.py: closed forms, error bars, processes, outputs, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, LinearField, tiny_overrides
+
+from flows.config import SolverConfig, load_config
+from flows.data import Preprocess
+from flows.evaluation import EvalOptions, point_log_likelihood, summarize, tolerance_check
+from flows.sampling import encode, sample
+from flows.training import train
+
+TIGHT = SolverConfig(atol=1e-9, rtol=1e-9, adjoint=False)
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t):
+        return self.c.to(x).expand_as(x)
+
+
+def test_sampling_a_constant_field_lands_on_the_closed_form():
+    c = torch.tensor([1.5, -0.5])
+    res = sample(Constant(c), 100, (2,), SolverConfig(adjoint=False), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(res.x, res.z + c)
+    torch.testing.assert_close(res.kinetic, torch.full((100,), c.pow(2).sum().item()))
+    torch.testing.assert_close(res.straightness, torch.ones(100))  # straight, constant speed
+
+
+def test_encode_of_sample_recovers_the_noise(linear_field):
+    res = sample(linear_field, 50, (3,), TIGHT, generator=torch.Generator().manual_seed(0))
+    back = encode(linear_field, res.x, TIGHT)
+    torch.testing.assert_close(back.x, res.z, atol=1e-7, rtol=1e-7)
+
+
+def gaussian_flow():
+    a = 0.5 * torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    field = LinearField(a).float()
+    m = torch.linalg.matrix_exp(a)
+    return field, torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), m @ m.T)
+
+
+def test_evaluation_of_a_gaussian_flow_equals_the_analytic_nll_within_its_error():
+    field, gauss = gaussian_flow()
+    raw = gauss.sample(
+        (4000,),
+    ).float()
+    pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+    opts = EvalOptions(SolverConfig(atol=1e-7, rtol=1e-7, adjoint=False))
+    lp, var, nfe = point_log_likelihood(field, raw, pre, opts)
+    torch.testing.assert_close(lp, gauss.log_prob(raw.double()), atol=1e-4, rtol=1e-5)
+    s = summarize(lp, var, 1, 2, None)
+    assert abs(s["nll"] - gauss.entropy().item()) < 3 * s["nll_se"]
+    assert nfe > 0 and s["n"] == 4000
+
+
+def test_hutchinson_with_many_probes_agrees_with_exact():
+    torch.manual_seed(0)
+    from flows.nn import TimeMLP
+
+    field = TimeMLP(3, [16, 16])
+    raw = torch.randn(20, 3)
+    pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+    solver = SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)
+    exact, _, _ = point_log_likelihood(field, raw, pre, EvalOptions(solver))
+    est, var, _ = point_log_likelihood(
+        field, raw, pre, EvalOptions(solver, "hutchinson", probes=400), torch.Generator().manual_seed(1)
+    )
+    se = (var / 400).sqrt()
+    assert ((est - exact).abs() < 4 * se + 1e-5).all()
+    assert se.max() > 0  # probes really varied
+
+
+def test_importance_weighted_dequantization_tightens_the_bound():
+    field, _ = gaussian_flow()
+    pre = Preprocess(torch.tensor(0.5), torch.tensor(0.2), levels=4)
+    raw = torch.randint(0, 4, (300, 2))
+    solver = SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)
+    one, _, _ = point_log_likelihood(field, raw, pre, EvalOptions(solver), torch.Generator().manual_seed(0))
+    many, _, _ = point_log_likelihood(
+        field, raw, pre, EvalOptions(solver, deq_samples=16), torch.Generator().manual_seed(0)
+    )
+    assert many.mean() > one.mean()  # log-mean-exp ≥ mean log (Jensen), on average strictly
+
+
+def test_tolerance_check_reports_small_changes_for_tight_solves():
+    field, gauss = gaussian_flow()
+    raw = gauss.sample((50,)).float()
+    pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+    loose = tolerance_check(field, raw, pre, EvalOptions(SolverConfig(atol=1e-2, rtol=1e-2, adjoint=False)))
+    tight = tolerance_check(field, raw, pre, EvalOptions(SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)))
+    assert tight["max_abs_change"] < 1e-4 < loose["max_abs_change"]
+
+
+def cli(args, extra_env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evalrun") / "run"
+    train(load_config(None, [*tiny_overrides(path, steps=4), "data.test_size=101"]))
+    return path
+
+
+def test_evaluate_cli_table_json_and_check(run_dir):
+    proc = cli(["evaluate.py", str(run_dir), "--check", "20", "--batch-size", "40"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NLL" in proc.stdout and "tolerance check" in proc.stdout
+    result = json.loads((run_dir / "eval_test.json").read_text())
+    assert result["n"] == 101 and math.isfinite(result["nll"]) and result["nll_se"] > 0
+    assert result["tolerance_check"]["n"] == 20 and result["trace"] == "exact"
+
+
+@pytest.mark.distributed
+def test_evaluate_with_two_processes_equals_one(run_dir, tmp_path):
+    out = {}
+    for n in (1, 2):
+        launch = [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "--num_cpu_threads_per_process",
+            "1",
+            *(["--multi_gpu"] if n > 1 else []),
+        ]
+        proc = cli(
+            [
+                *launch,
+                "evaluate.py",
+                str(run_dir),
+                "--check",
+                "0",
+                "--batch-size",
+                "20",
+                "--json",
+                str(tmp_path / f"{n}.json"),
+            ],
+            {"ACCELERATE_USE_CPU": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[n] = json.loads((tmp_path / f"{n}.json").read_text())
+    assert out[2]["processes"] == 2 and out[1]["n"] == out[2]["n"] == 101  # padding dropped
+    assert abs(out[1]["nll"] - out[2]["nll"]) < 1e-4  # adaptive steps differ per batch: tolerance level
+
+
+def test_sample_cli_outputs(run_dir, tmp_path):
+    proc = cli(
+        [
+            "sample.py",
+            str(run_dir),
+            "-n",
+            "300",
+            "--trajectories",
+            "5",
+            "--out",
+            str(tmp_path / "s"),
+            "--method",
+            "rk4",
+            "--steps",
+            "8",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = np.load(tmp_path / "s" / "samples.npz")
+    assert files["samples"].shape == (300, 2) and files["noise"].shape == (300, 2)
+    assert np.load(tmp_path / "s" / "trajectories.npy").shape == (60, 5, 2)
+    for name in ("samples.png", "trajectories.png", "info.json"):
+        assert (tmp_path / "s" / name).is_file()
+    info = json.loads((tmp_path / "s" / "info.json").read_text())
+    assert info["nfe"] == 32 and 0 < info["straightness"] <= 1 + 1e-6  # rk4: 4 evaluations x 8 steps
+
+    proc = cli(["sample.py", str(run_dir), "--encode", "-n", "50", "--out", str(tmp_path / "e")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(tmp_path / "e" / "codes.npz")["codes"].shape == (50, 2)
+
+
+def test_bad_paths_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    proc = cli(["evaluate.py", str(tmp_path / "nowhere")])
+    assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "model.safetensors"), metadata={"format": "other"})
+    for script in ("evaluate.py", "sample.py"):
+        proc = cli([script, str(tmp_path)])
+        assert proc.returncode == 2 and "not a flows checkpoint" in proc.stderr, proc.stderr[-2000:]
