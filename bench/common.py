@@ -48,3 +48,36 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     return "\n".join([line, sep, *body])
+
+
+class Counted(torch.nn.Module):
+    """Counts network evaluations of a field (for peers that report no NFE)."""
+
+    def __init__(self, field: torch.nn.Module):
+        super().__init__()
+        self.field, self.calls = field, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.field(x, t)
+
+
+def timed(fn, repeats: int = 3):
+    """(median seconds, last result) over ``repeats`` calls after one warm-up call."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return median(times), out
+
+
+def trained_run(path: str | None, config: str, overrides: list[str], out: Path) -> Path:
+    """A run directory to benchmark: the given one, or a short training of ``config`` (cached in out)."""
+    if path:
+        return Path(path)
+    run = out / Path(config).stem
+    if not (run / "model.safetensors").exists():
+        train_run(str(ROOT / config), [f"run_dir={run}", "eval.plot=false", *overrides])
+    return run

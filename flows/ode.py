@@ -74,9 +74,9 @@ class _Dynamics(nn.Module):
                 x = x.detach().requires_grad_(True)
             v = self.field(x, t)
             if self.trace == "exact":
-                div, frob = divergence_exact(v, x, create_graph)
+                div, frob = divergence_exact(v, x, create_graph, self.jacobian)
             else:
-                div, frob = divergence_hutchinson(v, x, self.probe, create_graph)
+                div, frob = divergence_hutchinson(v, x, self.probe, create_graph, self.jacobian)
         out = [v]
         if self.trace is not None:
             out.append(div)

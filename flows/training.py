@@ -38,14 +38,17 @@ from flows.objectives import build_objective
 __all__ = ["train", "evaluate_nll", "latest_checkpoint"]
 
 
-def ema_avg_fn(decay: float):
-    """EMA with the usual warm-up: the decay grows as (1 + n) / (10 + n) up to ``decay``."""
+def ema_multi_avg_fn(decay: float):
+    """EMA for ``AveragedModel`` with the usual warm-up: decay (1 + n) / (10 + n), capped at ``decay``.
 
-    def avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
-        return averaged * d + current * (1 - d)
+    One fused ``_foreach_lerp_`` over all parameters (torch's own ``get_ema_multi_avg_fn`` has no warm-up).
+    """
 
-    return avg
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return update
 
 
 def lr_lambda(cfg: Config):
@@ -119,7 +122,7 @@ class Trainer:
         set_seed(cfg.train.seed)  # identical initial weights on every process
         self.data = build_data(cfg.data)
         self.field = build_field(cfg.model, self.data.dim)
-        self.ema = AveragedModel(self.field, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.field, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
         objective = build_objective(self.field, cfg.solver, cfg.objective)
         opt = torch.optim.Adam(self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -221,6 +224,9 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _any(self, flag: bool) -> bool:
+        """True when ``flag`` holds on any process (the same decision everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return flag
         t = torch.tensor([float(flag)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(t, "sum").item() > 0)
 

@@ -53,7 +53,7 @@ def test_default_command_trains_samples_and_plots(tmp_path):
     import numpy as np
 
     assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (50, 2)
-    assert (tmp_path / "s" / "samples_scatter.png").is_file()
+    assert (tmp_path / "s" / "samples.png").is_file()
 
 
 def test_config_typo_exits_nonzero_and_names_the_key(tmp_path):
