@@ -75,17 +75,19 @@ def resolve(path: str | Path) -> Path:
 
 
 def _check_header(path: Path) -> None:
+    """A safetensors file is an 8-byte header length N, then N bytes of JSON: check that first."""
+    size = os.path.getsize(path)
     with path.open("rb") as fh:
-        head = fh.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"'{path}' is a pickle-based file (torch.save). flows never unpickles checkpoints, "
-                "because unpickling can run arbitrary code. Load it yourself only if you trust it, "
-                f"and re-export its weights with safetensors."
-            )
-        size = os.path.getsize(path)
-        if len(head) < 8 or struct.unpack("<Q", head)[0] + 8 > size:
-            raise CheckpointError(f"'{path}' is truncated or not a safetensors file ({size} bytes).")
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= size:
+        return
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"'{path}' is a pickle-based file (torch.save). flows never unpickles checkpoints, "
+            "because unpickling can run arbitrary code. Load it yourself only if you trust it, "
+            "and re-export its weights with safetensors."
+        )
+    raise CheckpointError(f"'{path}' is truncated or not a safetensors file ({size} bytes).")
 
 
 def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> Loaded:

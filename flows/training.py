@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,7 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
             desc="train",
+            mininterval=0.2 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         )
         train_time, batches = 0.0, self._batches()  # seconds in training steps (no eval, no saving)
         self.objective.train()
@@ -321,6 +323,7 @@ class Trainer:
                 bar.set_postfix(
                     nll=f"{record['nll']:.3f}",
                     nfe=f"{record['nfe_forward']:.0f}/{record['nfe_backward']:.0f}",
+                    refresh=False,
                 )
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 self.evaluate("periodic", train_time=train_time)

@@ -54,3 +54,25 @@ def test_truncated_and_missing_files_are_refused(tmp_path):
         checkpoint.load(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_valid_file_whose_header_length_looks_like_a_pickle_is_accepted(tmp_path, first_bytes):
+    """Regression: the 8-byte header length of a real checkpoint can start with 0x80 or 'PK'."""
+    cfg = Config()
+    cfg.model.hidden = [8, 8]
+    field = build_field(cfg.model, 2)
+    ema = AveragedModel(field, use_buffers=True)
+    pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+    target = int.from_bytes(first_bytes, "little")  # the header length's low bytes we want
+    path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 0)
+    base = int.from_bytes(path.read_bytes()[:8], "little")
+    start = (target - base) % (256 ** len(first_bytes))  # each run_dir character adds one header byte
+    for pad in range(max(start - 16, 0), start + 16):
+        cfg.run_dir = "r" * pad
+        path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 0)
+        if path.read_bytes()[: len(first_bytes)] == first_bytes:
+            break
+    else:
+        pytest.fail("could not build such a header")
+    assert checkpoint.load(path).config.run_dir == cfg.run_dir
