@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from flows.config import SolverConfig
 from flows.ode import solve
@@ -27,9 +28,12 @@ class SampleResult:
 
 
 @torch.no_grad()
-def _flow(field: nn.Module, start: Tensor, t0: float, t1: float, solver: SolverConfig, chunk: int) -> SampleResult:
+def _flow(
+    field: nn.Module, start: Tensor, t0: float, t1: float, solver: SolverConfig, chunk: int, progress: bool = False
+) -> SampleResult:
     xs, kin, nfe = [], [], 0
-    for part in start.split(chunk):
+    parts = start.split(chunk)
+    for part in tqdm(parts, desc="solve", unit="chunk", disable=not progress or len(parts) < 2):
         sol = solve(field, part, t0, t1, solver, kinetic=True)
         xs.append(sol.x)
         kin.append(sol.kinetic.abs())  # the integral runs backwards when t1 < t0
@@ -44,16 +48,19 @@ def sample(
     solver: SolverConfig,
     chunk: int = 10_000,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> SampleResult:
     """``n`` samples in model space, solved in chunks of ``chunk`` (bounded memory)."""
     dtype = next((p.dtype for p in field.parameters()), torch.get_default_dtype())
     z = torch.randn((n, *shape), generator=generator, dtype=dtype)
-    return _flow(field, z, 0.0, 1.0, solver, chunk)
+    return _flow(field, z, 0.0, 1.0, solver, chunk, progress)
 
 
-def encode(field: nn.Module, x: Tensor, solver: SolverConfig, chunk: int = 10_000) -> SampleResult:
+def encode(
+    field: nn.Module, x: Tensor, solver: SolverConfig, chunk: int = 10_000, progress: bool = False
+) -> SampleResult:
     """Data (model space, t=1) → base points (t=0); ``result.x`` holds the codes."""
-    return _flow(field, x, 1.0, 0.0, solver, chunk)
+    return _flow(field, x, 1.0, 0.0, solver, chunk, progress)
 
 
 def transport_summary(res: SampleResult) -> dict[str, float]:

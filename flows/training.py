@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from flows import checkpoint
 from flows.config import Config, to_dict
 from flows.data import VectorData, bits_per_dim, build_data
-from flows.errors import SolverError, TrainingAborted
+from flows.errors import CheckpointError, SolverError, TrainingAborted
 from flows.likelihood import log_prob
 from flows.nn import build_field
 from flows.objectives import build_objective
@@ -165,18 +165,46 @@ class Trainer:
         return ckpt
 
     def _load(self, ckpt: Path) -> None:
-        self.accelerator.load_state(str(ckpt))
-        self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-        self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        """Restore everything; torch.load runs with weights_only=True (Accelerate's default), so a
+        tampered file is refused without running code."""
+        try:
+            self.accelerator.load_state(str(ckpt))
+            self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+            self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
+            kind = "refused: it holds pickled code or objects" if "weights_only" in str(e) else "unreadable"
+            raise CheckpointError(
+                f"cannot resume from '{ckpt}': the checkpoint is {kind}, or does not match the config "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Nothing was changed. If overrides changed "
+                "the model, drop them; otherwise delete this checkpoint directory to fall back to the previous one."
+            ) from None
+        self._trim_metrics(self.progress.step)
         self.accelerator.print(f"resumed from {ckpt} at step {self.progress.step}")
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint (a killed run repeats those steps), and a torn last line."""
+        if not self.accelerator.is_main_process or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
 
     def save(self) -> None:
         acc, step = self.accelerator, self.progress.step
         final = self.run_dir / "checkpoints" / f"step_{step:08d}"
         tmp = final.with_name(f".tmp_{final.name}")
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:  # leftovers of a save that was killed half-way
+            for stale in [*final.parent.glob(".tmp_step_*"), *self.run_dir.glob(f".{checkpoint.MODEL_FILE}.tmp*")]:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:

@@ -69,11 +69,17 @@ def main(argv: list[str] | None = None) -> None:
                 raise FlowsError(f"data has shape {tuple(raw.shape[1:])} per point; the model expects ({dim},).")
             raw = raw[: args.n]
             mine = raw[acc.process_index :: acc.num_processes]
-            res = encode(loaded.field, pre(mine, dequantize=pre.levels is not None), solver, args.chunk)
+            res = encode(
+                loaded.field,
+                pre(mine, dequantize=pre.levels is not None),
+                solver,
+                args.chunk,
+                acc.is_local_main_process,
+            )
         else:
             share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
             gen = torch.Generator().manual_seed(args.seed + 1_000_003 * acc.process_index)
-            res = sample(loaded.field, share, (dim,), solver, args.chunk, gen)
+            res = sample(loaded.field, share, (dim,), solver, args.chunk, gen, acc.is_local_main_process)
         seconds = time.perf_counter() - start
         parts = gather_object([(res.x, res.z, res.kinetic, res.nfe)])
         if not acc.is_main_process:
