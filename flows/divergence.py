@@ -16,32 +16,27 @@ __all__ = ["divergence_exact", "divergence_hutchinson", "draw_probe"]
 def divergence_exact(
     v: Tensor, x: Tensor, create_graph: bool = False, frobenius: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """Exact trace by D vector-Jacobian products (batched into one vmapped backward pass).
+    """Exact trace by D vector-Jacobian products, one per input dimension.
 
     v, x: (B, *shape) with v computed from x. Returns div (B,) and ‖∂v/∂x‖²_F (B,) (None unless
-    ``frobenius``).
+    ``frobenius``). A plain loop: on CPU it beat one vmapped backward (``is_grads_batched``) at every
+    size measured: 2x at D=64 with 10k points, 10x at D=64, batch 1000 with ``create_graph``.
     """
     batch, dim = x.shape[0], x[0].numel()
     if not v.requires_grad:  # v does not depend on x (e.g. a constant field)
         return v.new_zeros(batch), v.new_zeros(batch) if frobenius else None
-    if dim <= 4:  # a few plain VJPs beat vmap's overhead (measured: 5-15% per step at D=2)
-        flat = v.reshape(batch, dim)
-        rows = [
-            torch.autograd.grad(
-                flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True, materialize_grads=True
-            )[0].reshape(batch, dim)
-            for i in range(dim)
-        ]
-        div = sum(row[:, i] for i, row in enumerate(rows))
-        return div, sum(row.pow(2).sum(1) for row in rows) if frobenius else None
-    basis = torch.eye(dim, dtype=v.dtype, device=v.device).reshape(dim, 1, *x.shape[1:])
-    basis = basis.expand(dim, batch, *x.shape[1:])
-    (rows,) = torch.autograd.grad(
-        v, x, basis, create_graph=create_graph, is_grads_batched=True, materialize_grads=True
-    )  # rows[i, b] = e_iᵀ J_b, the i-th row of sample b's Jacobian
-    rows = rows.reshape(dim, batch, dim)
-    div = torch.diagonal(rows, dim1=0, dim2=2).sum(-1)
-    return div, rows.pow(2).sum((0, 2)) if frobenius else None
+    flat = v.reshape(batch, dim)
+    div = v.new_zeros(batch)
+    frob = v.new_zeros(batch) if frobenius else None
+    for i in range(dim):
+        (row,) = torch.autograd.grad(
+            flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True, materialize_grads=True
+        )
+        row = row.reshape(batch, dim)  # e_iᵀ J: the i-th row of each sample's Jacobian
+        div = div + row[:, i]
+        if frob is not None:
+            frob = frob + row.pow(2).sum(1)
+    return div, frob
 
 
 def divergence_hutchinson(
