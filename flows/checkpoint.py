@@ -7,6 +7,7 @@ read, and a truncated or foreign file gives a clear error. Writes are atomic (te
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def export(
     ema: nn.Module,
     preprocess: Preprocess,
     cfg: Config,
-    dim: int,
+    shape: tuple[int, ...],
     step: int,
 ) -> Path:
     """Write the inference file atomically; a kill mid-write leaves the old file intact."""
@@ -44,8 +45,10 @@ def export(
     metadata = {
         "format": FORMAT,
         "config": json.dumps(to_dict(cfg)),
-        "dim": str(dim),
+        "dim": str(math.prod(shape)),
+        "shape": json.dumps(list(shape)),
         "levels": str(preprocess.levels or 0),
+        "logit_alpha": repr(preprocess.logit_alpha),
         "step": str(step),
     }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -59,9 +62,13 @@ class Loaded:
     field: nn.Module
     preprocess: Preprocess
     config: Config
-    dim: int
+    shape: tuple[int, ...]  # of one sample: (D,) or (C, H, W)
     step: int
     path: Path
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
 
 
 def resolve(path: str | Path) -> Path:
@@ -106,15 +113,17 @@ def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> L
         raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from None
     try:
         cfg = from_dict(Config, json.loads(meta["config"]))
-        dim, levels, step = int(meta["dim"]), int(meta["levels"]), int(meta["step"])
-    except (KeyError, ValueError, ConfigError) as e:
+        shape = tuple(json.loads(meta["shape"])) if "shape" in meta else (int(meta["dim"]),)
+        levels, step = int(meta["levels"]), int(meta["step"])
+        alpha = float(meta.get("logit_alpha", 0.0))
+    except (KeyError, ValueError, TypeError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{path}' has unreadable metadata: {e}") from None
     prefix = {"ema": "ema.module.", "model": "model."}[weights]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    field = build_field(cfg.model, dim)
     try:
+        field = build_field(cfg.model, shape)
         field.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{path}' does not match its model config: {e}") from None
-    pre = Preprocess(tensors["preprocess.shift"], tensors["preprocess.scale"], levels or None)
-    return Loaded(field.eval().requires_grad_(False), pre, cfg, dim, step, path)
+    pre = Preprocess(tensors["preprocess.shift"], tensors["preprocess.scale"], levels or None, alpha)
+    return Loaded(field.eval().requires_grad_(False), pre, cfg, shape, step, path)

@@ -19,6 +19,8 @@ import yaml
 from flows.errors import ConfigError
 
 __all__ = [
+    "DATASETS",
+    "IMAGE_DATASETS",
     "Config",
     "DataConfig",
     "ModelConfig",
@@ -43,22 +45,38 @@ TOY_DATASETS = (
 )
 
 
+IMAGE_DATASETS = ("mnist", "cifar10", "idx")
+DATASETS = (*TOY_DATASETS, "digits", "tabular", *IMAGE_DATASETS)
+
+
 @dataclass
 class DataConfig:
-    name: str = "checkerboard"  # a toy density, "digits", or "tabular"
-    path: str | None = None  # .npy / .npz file for "tabular"
+    name: str = "checkerboard"  # a toy density, "digits", "tabular", "mnist", "cifar10" or "idx"
+    path: str | None = None  # "tabular": .npy / .npz file; "idx": a folder of *-images-idx3-ubyte[.gz] files
+    root: str = "data"  # "mnist" / "cifar10": torchvision's dataset folder
+    download: bool = False  # "mnist" / "cifar10": let torchvision download into root (needs internet)
+    image: bool = False  # "digits": (1, 8, 8) images instead of 64-D vectors (for the U-Net)
+    logit_alpha: float = 0.0  # images: > 0 models logit(alpha + (1 - 2 alpha) y); 0: y scaled to [-1, 1]
     train_size: int = 1_000_000  # toy densities: points generated for training
     test_size: int = 10_000  # toy densities: held-out points (generated with test_seed)
-    test_fraction: float = 0.2  # digits / tabular: share held out
+    test_fraction: float = 0.2  # digits / tabular / idx: share held out (idx: the last rows, as in BENCHMARKS)
     seed: int = 0
     test_seed: int = 1
 
 
 @dataclass
 class ModelConfig:
+    name: Literal["mlp", "unet"] = "mlp"
+    # mlp (vectors)
     hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
     activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
     time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
+    # unet (images, (C, H, W); any H, W)
+    channels: int = 32  # width at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one level per entry, halving H, W
+    num_res_blocks: int = 1  # residual blocks per level
+    attention_resolutions: list[int] = field(default_factory=list)  # spatial sizes (H) that get self-attention
+    groups: int = 8  # GroupNorm groups (never BatchNorm: it couples samples)
 
 
 @dataclass
@@ -73,7 +91,14 @@ class SolverConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["mle"] = "mle"
+    name: Literal["mle", "fm"] = "mle"  # maximum likelihood (FFJORD) or flow matching
+    # fm
+    path: Literal["condot", "cosine"] = "condot"  # linear (conditional OT) or variance-preserving cosine
+    coupling: Literal["independent", "ot"] = "independent"  # ot: minibatch optimal transport
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    # mle
     trace: Literal["exact", "hutchinson"] = "exact"
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     kinetic: float = 0.0  # weight of the kinetic energy  ∫‖v‖² dt  (RNODE)
@@ -97,12 +122,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
     time_limit: float | None = None  # minutes of training (evaluation excluded); then evaluate, save, stop
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # flow matching only; never inside ODE solves
+    init_from: str | None = None  # a run (or model.safetensors) whose EMA weights start this one
 
 
 @dataclass
 class EvalConfig:
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(adjoint=False))
-    trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for dim <= 64
+    trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for an MLP with dim <= 64, else hutchinson
     batch_size: int = 2000
     periodic_size: int = 2000  # held-out points used by the periodic evaluations
     plot: bool = True  # 2D data: samples and density pictures at the end
@@ -134,6 +161,16 @@ class Config:
             (bool(self.model.hidden) and min(self.model.hidden) > 0, "model.hidden: widths > 0"),
             (self.objective.kinetic >= 0, "objective.kinetic must be >= 0"),
             (self.objective.jacobian >= 0, "objective.jacobian must be >= 0"),
+            (self.objective.logit_normal_std > 0, "objective.logit_normal_std must be > 0"),
+            (0 <= self.data.logit_alpha < 0.5, "data.logit_alpha must be in [0, 0.5)"),
+            (self.model.channels > 0 and self.model.num_res_blocks >= 0, "model.channels must be > 0"),
+            (bool(self.model.channel_mult) and min(self.model.channel_mult) > 0, "model.channel_mult: values > 0"),
+            (self.model.groups > 0, "model.groups must be > 0"),
+            (
+                self.train.mixed_precision == "no" or self.objective.name == "fm",
+                "train.mixed_precision is for flow matching (objective.name=fm): maximum likelihood "
+                "solves ODEs in the loss, which must stay in float32",
+            ),
         ]
         for prefix, s in (("solver", self.solver), ("eval.solver", self.eval.solver)):
             checks += [
@@ -144,8 +181,16 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid config value: {message}.")
-        if self.data.name not in (*TOY_DATASETS, "digits", "tabular"):
-            _unknown("data.name", self.data.name, (*TOY_DATASETS, "digits", "tabular"))
+        if self.data.name not in DATASETS:
+            _unknown("data.name", self.data.name, DATASETS)
+        for width in (self.model.channels * m for m in self.model.channel_mult):
+            if self.model.name == "unet" and width % self.model.groups:
+                raise ConfigError(
+                    f"invalid config value: model.groups={self.model.groups} must divide every U-Net width "
+                    f"(model.channels x model.channel_mult = {width})."
+                )
+        if self.data.name == "idx" and not self.data.path:
+            raise ConfigError("data.name=idx needs data.path=FOLDER holding *-images-idx3-ubyte[.gz] files.")
         if self.data.name == "tabular" and not self.data.path:
             raise ConfigError("data.name=tabular needs data.path=FILE.npy (or .npz).")
         return self

@@ -40,16 +40,12 @@ def point_log_likelihood(
     """
     probes = opts.probes if opts.trace == "hutchinson" else 1
     deq = opts.deq_samples if pre.levels is not None else 1
-    b, d = raw.shape[0], raw[0].numel()
+    b = raw.shape[0]
     reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
-    if pre.levels is not None:
-        noise = torch.rand(reps.shape, generator=generator, dtype=torch.float32)
-        y = (reps.float() + noise) / pre.levels
-        x = (y - pre.shift) / pre.scale
-    else:
-        x = pre(reps)
+    noise = torch.rand(reps.shape, generator=generator) if pre.levels is not None else None
+    x = pre(reps, noise=noise)
     res = log_prob(field, x, opts.solver, opts.trace, opts.probe, generator=generator)
-    lp = (res.log_prob.double() + pre.log_det(d)).reshape(deq, probes, b)
+    lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
     var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64)
     lp = lp.mean(1)  # unbiased over probes
     lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations

@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from flows.config import SolverConfig
 from flows.ode import NFE, solve
 
-__all__ = ["LogProb", "log_prob", "standard_normal_log_prob", "log_prob_chunked"]
+__all__ = ["LogProb", "log_prob", "standard_normal_log_prob", "log_prob_chunked", "auto_trace"]
+
+
+def auto_trace(trace: str, dim: int, model: str) -> str:
+    """Resolve ``trace="auto"``: the exact trace (D vector-Jacobian products per evaluation) for MLPs up to
+    64 dimensions; Hutchinson otherwise (a U-Net's 64 VJPs on 8x8 digits cost 7 s per evaluation of 359 images)."""
+    if trace != "auto":
+        return trace
+    return "exact" if dim <= 64 and model == "mlp" else "hutchinson"
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:

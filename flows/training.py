@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from flows import checkpoint
 from flows.config import Config, to_dict
-from flows.data import VectorData, bits_per_dim, build_data
+from flows.data import Data, bits_per_dim, build_data
+from flows.data.batches import Batches
 from flows.errors import CheckpointError, SolverError, TrainingAborted
-from flows.likelihood import log_prob
+from flows.likelihood import auto_trace, log_prob
 from flows.nn import build_field
 from flows.objectives import build_objective
 
@@ -78,19 +79,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _eval_trace(cfg: Config, dim: int) -> str:
-    return ("exact" if dim <= 64 else "hutchinson") if cfg.eval.trace == "auto" else cfg.eval.trace
+    return auto_trace(cfg.eval.trace, dim, cfg.model.name)
 
 
 @torch.no_grad()
 def evaluate_nll(
-    accelerator: Accelerator, field: nn.Module, loader: DataLoader, data: VectorData, cfg: Config
+    accelerator: Accelerator, field: nn.Module, loader: DataLoader, data: Data, cfg: Config
 ) -> dict[str, Any]:
     """Held-out NLL (reporting space), split over processes and gathered without padding."""
     start, trace, pre = time.perf_counter(), _eval_trace(cfg, data.dim), data.preprocess
     values, nfe = [], []
     for (raw,) in loader:
-        res = log_prob(field, pre(raw), cfg.eval.solver, trace)
-        values.append(accelerator.gather_for_metrics(res.log_prob + pre.log_det(data.dim)))
+        x = pre(raw)
+        res = log_prob(field, x, cfg.eval.solver, trace)
+        values.append(accelerator.gather_for_metrics(res.log_prob.double() + pre.log_det(x)))
         nfe.append(res.nfe.forward)
     lp = torch.cat(values).double()
     nll = -lp.mean().item()
@@ -112,8 +114,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
         self.accelerator = acc = Accelerator(
-            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+            dataloader_config=DataLoaderConfiguration(split_batches=True),  # evaluation loaders; training: Batches
             step_scheduler_with_optimizer=False,
+            mixed_precision=cfg.train.mixed_precision,
         )
         if cfg.train.batch_size % acc.num_processes:
             raise TrainingAborted(
@@ -122,19 +125,38 @@ class Trainer:
             )
         set_seed(cfg.train.seed)  # identical initial weights on every process
         self.data = build_data(cfg.data)
-        self.field = build_field(cfg.model, self.data.dim)
-        self.ema = AveragedModel(self.field, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        self.field = build_field(cfg.model, self.data.shape)
+        if cfg.train.init_from and not resume:
+            self._init_from(cfg.train.init_from)
+        self._ema_update = ema_multi_avg_fn(cfg.train.ema_decay)
+        self.ema = AveragedModel(self.field, multi_avg_fn=self._ema_update, use_buffers=True)
         objective = build_objective(self.field, cfg.solver, cfg.objective)
-        opt = torch.optim.Adam(self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        loader = DataLoader(
-            TensorDataset(self.data.train), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
+        # fused Adam: one kernel for all parameters, 3x faster than the default on CPU (0.10 vs 0.34 ms, MLP 3x64)
+        opt = torch.optim.Adam(
+            self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
         )
-        if len(loader) == 0:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self.batches = Batches(
+            self.data.train, cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes, acc.device
+        )
+        if len(self.batches) == 0:
             raise TrainingAborted(
                 f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.data.train)} training rows."
             )
-        self.objective, self.opt, self.loader, self.sched = acc.prepare(objective, opt, loader, sched)
+        self.objective, self.opt, self.sched = acc.prepare(objective, opt, sched)
+        # per-step work on cached lists (module.parameters() walks the module tree every call)
+        self._params = [p for p in self.objective.parameters() if p.requires_grad]
+        pairs = zip(
+            [*self.ema.module.parameters(), *self.ema.module.buffers()],
+            [*self.field.parameters(), *self.field.buffers()],
+            strict=True,
+        )
+        self._ema_pairs = tuple(map(list, zip(*[(a, c) for a, c in pairs if a.is_floating_point()], strict=True)))
+        # Accelerate's optimizer wrapper probes for optional packages on every step (~0.25 ms); without a
+        # gradient scaler it only forwards to the optimizer, so step that directly
+        self._plain = self.opt.scaler is None and acc.gradient_accumulation_steps == 1
+        self._optimizer_step = self.opt.optimizer.step if self._plain else self.opt.step
+        self._zero_grad = self.opt.optimizer.zero_grad if self._plain else self.opt.zero_grad
         test = self.data.test
         self.eval_loaders = {
             name: acc.prepare_data_loader(DataLoader(TensorDataset(x), batch_size=cfg.eval.batch_size))
@@ -151,6 +173,18 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ----------------------------------------------------------------- checkpoints
+    def _init_from(self, source: str) -> None:
+        """Start from another run's EMA weights: the same network, possibly the other objective."""
+        loaded = checkpoint.load(source)
+        if loaded.shape != self.data.shape or to_dict(loaded.config.model) != to_dict(self.cfg.model):
+            raise CheckpointError(
+                f"train.init_from='{source}': that run's network ({loaded.config.model.name}, data shape "
+                f"{loaded.shape}) differs from this config's ({self.cfg.model.name}, {self.data.shape}). "
+                "Use the same model.* settings and data, or drop init_from."
+            )
+        self.field.load_state_dict(loaded.field.state_dict())
+        self.accelerator.print(f"initialized from {loaded.path} (step {loaded.step}, {loaded.config.objective.name})")
+
     def _check_fresh(self) -> None:
         if latest_checkpoint(self.run_dir) or (self.run_dir / checkpoint.MODEL_FILE).exists():
             raise TrainingAborted(
@@ -220,7 +254,7 @@ class Trainer:
                 self.ema,
                 self.data.preprocess,
                 self.cfg,
-                self.data.dim,
+                self.data.shape,
                 step,
             )
         acc.wait_for_everyone()
@@ -244,13 +278,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def _batches(self):
-        per_epoch = len(self.loader)
-        epoch, skip = divmod(self.progress.step, per_epoch)
-        while True:
-            self.loader.set_epoch(epoch)
-            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-            yield from loader
-            epoch, skip = epoch + 1, 0
+        return self.batches.from_step(self.progress.step)
 
     def _any(self, flag: bool) -> bool:
         """True when ``flag`` holds on any process (the same decision everywhere)."""
@@ -259,9 +287,21 @@ class Trainer:
         t = torch.tensor([float(flag)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(t, "sum").item() > 0)
 
-    def step(self, raw: Tensor) -> dict[str, Any] | None:
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """AveragedModel.update_parameters on cached tensor lists (same rule: copy first, then average)."""
+        averaged, current = self._ema_pairs
+        if self.ema.n_averaged == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self._ema_update(averaged, current, self.ema.n_averaged)
+        self.ema.n_averaged += 1
+
+    def step(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
+        """One optimizer step; None if skipped. The metrics record (a collective) only when ``full_record``."""
         acc, cfg = self.accelerator, self.cfg
-        x = self.data.preprocess(raw)
+        pre = self.data.preprocess
+        x = pre(raw)
         try:
             loss, stats = self.objective(x)
             failure = None if torch.isfinite(loss) else "non-finite loss"
@@ -271,28 +311,34 @@ class Trainer:
             return self._bad_step(failure or "non-finite loss on another process")
         acc.backward(loss)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.objective.parameters(), max_norm)
+        if self._plain:  # no scaler to unscale with: torch's foreach clipping, without Accelerate's checks
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        else:
+            grad_norm = acc.clip_grad_norm_(self._params, max_norm)
         if not torch.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
             return self._bad_step("non-finite gradient")
-        self.opt.step()
+        self._optimizer_step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update_parameters(self.field)
-        nfe = stats["nfe"]
+        self._zero_grad(set_to_none=True)
+        self._update_ema()
+        if not full_record:
+            return {}
+        nfe = stats.get("nfe")
         values = torch.tensor(
             [
                 loss.item(),
-                stats["nll"].item() - self.data.preprocess.log_det(self.data.dim),
+                stats["nll"].item() - pre.log_det(x).mean().item() if "nll" in stats else torch.nan,
+                stats.get("fm_loss", torch.nan),
                 stats.get("kinetic", torch.nan),
                 stats.get("jacobian", torch.nan),
-                nfe.forward,
-                nfe.backward,
+                nfe.forward if nfe else torch.nan,
+                nfe.backward if nfe else torch.nan,
             ],
             device=acc.device,
         )
         values = acc.reduce(values, "mean")
-        names = ("loss", "nll", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
+        names = ("loss", "nll", "fm_loss", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
         record = {k: v for k, v in zip(names, values.tolist(), strict=True) if not math.isnan(v)}
         record |= {"grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
         return record
@@ -332,27 +378,31 @@ class Trainer:
             if tc.time_limit is not None and self._any(train_time > 60 * tc.time_limit):
                 acc.print(f"time limit of {tc.time_limit} min reached at step {self.progress.step}")
                 break
-            (raw,) = next(batches)
+            raw = next(batches)
             t0 = time.perf_counter()
-            record = self.step(raw)
+            log_now = (self.progress.step + 1) % tc.log_every == 0 or self.progress.step == 0
+            record = self.step(raw, full_record=log_now)
             train_time += time.perf_counter() - t0
             if record is None:
                 continue
             self.progress.step += 1
             bar.update(1)
             step = self.progress.step
-            if step % tc.log_every == 0 or step == 1:
+            if log_now:
                 record |= {
                     "step": step,
                     "step_time": time.perf_counter() - t0,
                     "train_time": train_time,
                 }
                 self.log(record)
-                bar.set_postfix(
-                    nll=f"{record['nll']:.3f}",
-                    nfe=f"{record['nfe_forward']:.0f}/{record['nfe_backward']:.0f}",
-                    refresh=False,
-                )
+                if "nll" in record:
+                    bar.set_postfix(
+                        nll=f"{record['nll']:.3f}",
+                        nfe=f"{record['nfe_forward']:.0f}/{record['nfe_backward']:.0f}",
+                        refresh=False,
+                    )
+                else:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 self.evaluate("periodic", train_time=train_time)
             if step % tc.save_every == 0:
@@ -366,6 +416,10 @@ class Trainer:
                 from flows.report import plot_run
 
                 plot_run(self.run_dir)
+            elif cfg.eval.plot and len(self.data.shape) == 3:
+                from flows.report import image_grid
+
+                image_grid(self.run_dir)
         acc.wait_for_everyone()
         return result
 

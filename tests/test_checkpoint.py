@@ -17,7 +17,7 @@ def make(tmp_path):
     field = build_field(cfg.model, 2)
     ema = AveragedModel(field, use_buffers=True)
     pre = Preprocess(torch.tensor(0.5), torch.tensor(2.0))
-    return checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 7), field
+    return checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, (2,), 7), field
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
@@ -65,12 +65,12 @@ def test_valid_file_whose_header_length_looks_like_a_pickle_is_accepted(tmp_path
     ema = AveragedModel(field, use_buffers=True)
     pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
     target = int.from_bytes(first_bytes, "little")  # the header length's low bytes we want
-    path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 0)
+    path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, (2,), 0)
     base = int.from_bytes(path.read_bytes()[:8], "little")
     start = (target - base) % (256 ** len(first_bytes))  # each run_dir character adds one header byte
     for pad in range(max(start - 16, 0), start + 16):
         cfg.run_dir = "r" * pad
-        path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, 2, 0)
+        path = checkpoint.export(tmp_path / "model.safetensors", field, ema, pre, cfg, (2,), 0)
         if path.read_bytes()[: len(first_bytes)] == first_bytes:
             break
     else:

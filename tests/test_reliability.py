@@ -174,11 +174,11 @@ def bad_files(tmp_path):
         (train_main, ["data.name=tabular", "data.path={tmp}/nan.npy", "run_dir={run}"], "first bad row 5"),
         (train_main, ["data.name=tabular", "data.path={tmp}/missing.npy", "run_dir={run}"], "does not exist"),
         (evaluate_main, ["{run}", "--data", "{tmp}/nan.npy"], "first bad row 5"),
-        (evaluate_main, ["{run}", "--data", "{tmp}/three.npy"], "expects (2,)"),
+        (evaluate_main, ["{run}", "--data", "{tmp}/three.npy"], "of shape (2,)"),
         (evaluate_main, ["{run}", "--atol", "-1"], "must be positive"),
         (evaluate_main, ["{run}/checkpoints"], "no checkpoint"),
         (sample_main, ["{run}", "-n", "0"], "must be positive"),
-        (sample_main, ["{run}", "--encode", "--data", "{tmp}/three.npy"], "expects (2,)"),
+        (sample_main, ["{run}", "--encode", "--data", "{tmp}/three.npy"], "of shape (2,)"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, finished_run, capsys, main, args, message):

@@ -27,7 +27,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace",
         choices=["auto", "exact", "hutchinson"],
         default="auto",
-        help="auto: exact for dimension <= 64, else hutchinson",
+        help="auto: exact for an MLP of dimension <= 64, else hutchinson (--probes K)",
     )
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point")
     p.add_argument("--deq-samples", type=int, default=1, help="dequantization samples per point (discrete data)")
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         from flows.data import build_data, load_array
         from flows.errors import FlowsError
         from flows.evaluation import EvalOptions, point_log_likelihood, summarize, tolerance_check
+        from flows.likelihood import auto_trace
 
         for name in ("probes", "deq_samples", "batch_size"):
             if getattr(args, name) <= 0:
@@ -66,19 +67,18 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError("--atol and --rtol must be positive")
         acc = Accelerator()
         loaded = checkpoint.load(args.checkpoint, args.weights)
-        pre, dim = loaded.preprocess, loaded.dim
+        pre, dim, shape = loaded.preprocess, loaded.dim, loaded.shape
         if args.data:
-            raw = load_array(args.data)
+            raw = load_array(args.data, ndim=None)
             source = args.data
         else:
             data = build_data(loaded.config.data)
             raw = data.test if args.split == "test" else data.train
             source = f"{loaded.config.data.name}:{args.split}"
-        if raw.shape[1:] != (dim,):
-            raise FlowsError(f"data has shape {tuple(raw.shape[1:])} per point; the model expects ({dim},).")
+        check_shape(raw, shape, args.data or source)
         if args.limit:
             raw = raw[: args.limit]
-        trace = ("exact" if dim <= 64 else "hutchinson") if args.trace == "auto" else args.trace
+        trace = auto_trace(args.trace, dim, loaded.config.model.name)
         solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, adjoint=False)
         opts = EvalOptions(
             solver,
@@ -132,6 +132,20 @@ def main(argv: list[str] | None = None) -> None:
         acc.end_training()
 
     run_cli(go)
+
+
+def check_shape(raw, shape: tuple[int, ...], source: str) -> None:
+    """Refuse data whose per-sample shape is not the model's (e.g. 3 channels for a 1-channel model)."""
+    from flows.errors import FlowsError
+
+    got = tuple(raw.shape[1:])
+    if got != tuple(shape):
+        what = "images" if len(shape) == 3 else "vectors"
+        raise FlowsError(
+            f"{source}: data has shape {got} per sample; the model was trained on {what} of shape {tuple(shape)}"
+            + (f" (channels: got {got[0]}, expected {shape[0]})" if len(got) == len(shape) == 3 else "")
+            + ". Pass data of the model's shape."
+        )
 
 
 def report(r: dict) -> None:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         from accelerate.utils import gather_object
 
         from flows import checkpoint
+        from flows.cli.evaluate import check_shape
         from flows.data import build_data, load_array
         from flows.errors import FlowsError
         from flows.sampling import encode, sample, transport_summary
@@ -61,12 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         solver = dataclasses.replace(solver, **changes, adjoint=False)
         acc = Accelerator()
         out = Path(args.out) if args.out else loaded.path.parent / ("codes" if args.encode else "samples")
-        pre, dim = loaded.preprocess, loaded.dim
+        pre, shape = loaded.preprocess, loaded.shape
         start = time.perf_counter()
         if args.encode:
-            raw = load_array(args.data) if args.data else build_data(loaded.config.data).test
-            if raw.shape[1:] != (dim,):
-                raise FlowsError(f"data has shape {tuple(raw.shape[1:])} per point; the model expects ({dim},).")
+            raw = load_array(args.data, ndim=None) if args.data else build_data(loaded.config.data).test
+            check_shape(raw, shape, args.data or "test split")
             raw = raw[: args.n]
             mine = raw[acc.process_index :: acc.num_processes]
             res = encode(
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
             gen = torch.Generator().manual_seed(args.seed + 1_000_003 * acc.process_index)
-            res = sample(loaded.field, share, (dim,), solver, args.chunk, gen, acc.is_local_main_process)
+            res = sample(loaded.field, share, shape, solver, args.chunk, gen, acc.is_local_main_process)
         seconds = time.perf_counter() - start
         parts = gather_object([(res.x, res.z, res.kinetic, res.nfe)])
         if not acc.is_main_process:
@@ -126,19 +126,20 @@ def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
     from flows.plotting import grid, plot_2d, plot_paths
 
     written = []
-    if loaded.config.data.name == "digits":
+    images = data[:64].reshape(-1, 1, 8, 8) if loaded.config.data.name == "digits" else data[:64]
+    if images.ndim == 4:
         from torchvision.utils import save_image
 
-        images = data[:64].reshape(-1, 1, 8, 8).clamp(0, 1)
-        save_image(images, out / "samples_grid.png", nrow=8, padding=1)
+        save_image(images.clamp(0, 1), out / "samples_grid.png", nrow=8, padding=1)
         written.append(out / "samples_grid.png")
     if loaded.dim != 2:
         return written
     pre = loaded.preprocess
     reference = build_data(loaded.config.data).test.numpy()
     points, extent = grid(reference, 120)
-    lp, _ = log_prob_chunked(loaded.field, pre(torch.from_numpy(points)), solver, "exact", args.chunk)
-    lp = (lp + pre.log_det(2)).numpy().astype(np.float64)
+    x_grid = pre(torch.from_numpy(points))
+    lp, _ = log_prob_chunked(loaded.field, x_grid, solver, "exact", args.chunk)
+    lp = (lp.double() + pre.log_det(x_grid)).numpy()
     title = f"{len(data):,} samples, NFE {info['nfe']}, straightness {info['straightness']:.3f}"
     written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
     if args.trajectories:

@@ -1,7 +1,8 @@
-"""Datasets as in-memory tensors: raw train / test splits plus the preprocessing to model space."""
+"""Datasets as in-memory tensors: raw train / test splits (N, *shape) plus the preprocessing to model space."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,40 +11,55 @@ import torch
 from torch import Tensor
 
 from flows.config import TOY_DATASETS, DataConfig
+from flows.data.images import load_idx_folder, load_torchvision
 from flows.data.preprocess import Preprocess, bits_per_dim
 from flows.data.toy2d import sample_toy
 from flows.errors import DataError
 
-__all__ = ["VectorData", "build_data", "bits_per_dim", "Preprocess", "sample_toy"]
+__all__ = ["Data", "build_data", "bits_per_dim", "Preprocess", "sample_toy", "image_preprocess"]
 
 
 @dataclass
-class VectorData:
+class Data:
     name: str
-    train: Tensor  # raw values, (N, D)
+    train: Tensor  # raw values, (N, *shape): (N, D) vectors or (N, C, H, W) images
     test: Tensor
     preprocess: Preprocess
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
     def dim(self) -> int:
-        return self.train.shape[1]
+        return math.prod(self.shape)
 
 
-def build_data(cfg: DataConfig) -> VectorData:
+def image_preprocess(levels: int, logit_alpha: float) -> Preprocess:
+    """Dequantize to [0, 1); then logit(alpha + (1 - 2 alpha) y) if alpha > 0, else scale to [-1, 1)."""
+    if logit_alpha > 0:
+        return Preprocess(torch.tensor(0.0), torch.tensor(1.0), levels, logit_alpha)
+    return Preprocess(torch.tensor(0.5), torch.tensor(0.5), levels)
+
+
+def build_data(cfg: DataConfig) -> Data:
     if cfg.name in TOY_DATASETS:
         train = torch.from_numpy(sample_toy(cfg.name, cfg.train_size, cfg.seed))
         test = torch.from_numpy(sample_toy(cfg.name, cfg.test_size, cfg.test_seed))
         identity = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
-        return VectorData(cfg.name, train, test, identity)
+        return Data(cfg.name, train, test, identity)
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 
         values = torch.from_numpy(load_digits().data.astype(np.float32))  # (1797, 64), 0..16
         train, test = _split(values, cfg.test_fraction, cfg.seed)
+        if cfg.image:
+            pre = image_preprocess(17, cfg.logit_alpha)
+            return Data("digits", train.reshape(-1, 1, 8, 8), test.reshape(-1, 1, 8, 8), pre)
         # dequantized values lie in [0, 1); one global shift/scale (some pixels are always 0)
         y = (train + 0.5) / 17
         pre = Preprocess(y.mean(), y.std(), levels=17)
-        return VectorData("digits", train, test, pre)
+        return Data("digits", train, test, pre)
     if cfg.name == "tabular":
         values = load_array(cfg.path)
         train, test = _split(values, cfg.test_fraction, cfg.seed)
@@ -51,7 +67,16 @@ def build_data(cfg: DataConfig) -> VectorData:
         if (std == 0).any():
             col = int((std == 0).nonzero()[0])
             raise DataError(f"{cfg.path}: column {col} is constant in the training split; drop it.")
-        return VectorData("tabular", train, test, Preprocess(train.mean(0), std))
+        return Data("tabular", train, test, Preprocess(train.mean(0), std))
+    if cfg.name in ("mnist", "cifar10"):
+        train, test = load_torchvision(cfg.name, cfg.root, cfg.download)
+        return Data(cfg.name, train, test, image_preprocess(256, cfg.logit_alpha))
+    if cfg.name == "idx":
+        images = load_idx_folder(cfg.path)
+        n_test = max(1, round(len(images) * cfg.test_fraction))
+        if len(images) - n_test < 1:
+            raise DataError(f"'{cfg.path}' holds {len(images)} images: too few to split into train and test.")
+        return Data("idx", images[:-n_test], images[-n_test:], image_preprocess(256, cfg.logit_alpha))
     raise DataError(f"unknown dataset {cfg.name!r}")
 
 
@@ -63,8 +88,9 @@ def _split(values: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Ten
     return values[perm[n_test:]], values[perm[:n_test]]
 
 
-def load_array(path: str | Path | None) -> Tensor:
-    """Load an (N, D) float array from .npy or .npz (first array), refusing NaN/Inf rows."""
+def load_array(path: str | Path | None, ndim: int | None = 2) -> Tensor:
+    """Load an (N, D) float array (or (N, ...) with ``ndim=None``) from .npy or .npz (first array),
+    refusing NaN/Inf rows."""
     if path is None:
         raise DataError("no data file given: set data.path=FILE.npy")
     path = Path(path)
@@ -80,15 +106,16 @@ def load_array(path: str | Path | None) -> Tensor:
             array = loaded
     except (ValueError, OSError) as e:
         raise DataError(f"cannot read data file '{path}': {e}") from None
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise DataError(f"data file '{path}' must hold a non-empty 2D array (N, D), got {array.shape}.")
+    if (ndim is not None and array.ndim != ndim) or array.ndim < 2 or 0 in array.shape:
+        want = "a non-empty 2D array (N, D)" if ndim == 2 else "a non-empty array (N, ...)"
+        raise DataError(f"data file '{path}' must hold {want}, got {array.shape}.")
     if not np.issubdtype(array.dtype, np.number):
         raise DataError(f"data file '{path}' holds {array.dtype}, not numbers.")
-    bad = ~np.isfinite(array).all(1)
+    bad = ~np.isfinite(array).reshape(len(array), -1).all(1)
     if bad.any():
         row = int(np.argmax(bad))
         raise DataError(
-            f"data file '{path}' has NaN or Inf values: first bad row {row}: {array[row].tolist()}"
+            f"data file '{path}' has NaN or Inf values: first bad row {row}: {array[row].ravel()[:16].tolist()}"
             f" ({int(bad.sum())} bad rows in all). Clean or drop them first."
         )
     return torch.from_numpy(array.astype(np.float32))

@@ -1,8 +1,14 @@
 """Maps raw data to the space the flow models, with the exact log-det of the map.
 
-``x = (deq(raw) - shift) / scale`` where ``deq`` adds uniform noise and divides by ``levels``
-for discrete data (values 0..levels-1 → [0, 1)). Likelihoods are reported in the space after
-dequantization: ``log p_data(y) = log p_model(x) + log_det`` with ``log_det = -Σ log scale``.
+For discrete data (values 0..levels-1) the map is, in order:
+
+1. uniform dequantization and scaling to [0, 1):  y = (raw + u) / levels,  u ~ U[0, 1)
+2. optional logit transform with ``alpha`` (RealNVP / FFJORD):  s = logit(alpha + (1 - 2 alpha) y)
+3. an affine map:  x = (s - shift) / scale
+
+Likelihoods are reported in the space of y (the dequantized data in [0, 1)^D, or raw units for
+continuous data): ``log p_y(y) = log p_x(x) + log|det ∂x/∂y|``. ``log_det(x)`` returns that
+term per sample, computed from the model-space point x alone (every step is invertible).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Preprocess", "bits_per_dim"]
@@ -21,21 +28,41 @@ class Preprocess:
     shift: Tensor  # broadcastable to one sample, e.g. (D,) or ()
     scale: Tensor
     levels: int | None = None  # number of discrete values per dimension, None if continuous
+    logit_alpha: float = 0.0  # > 0: logit transform after dequantization (discrete data only)
 
-    def __call__(self, raw: Tensor, dequantize: bool = True) -> Tensor:
-        y = raw.float()
+    def __call__(self, raw: Tensor, dequantize: bool = True, noise: Tensor | None = None) -> Tensor:
+        """Raw data → model space. ``noise``: the dequantization noise to use (default: fresh U[0, 1))."""
+        y = raw if raw.is_floating_point() else raw.float()
         if self.levels is not None:
-            noise = torch.rand_like(y) if dequantize else torch.full_like(y, 0.5)
+            if noise is None:
+                noise = torch.rand_like(y) if dequantize else torch.full_like(y, 0.5)
             y = (y + noise) / self.levels
+        if self.logit_alpha > 0:
+            y = torch.logit(self.logit_alpha + (1 - 2 * self.logit_alpha) * y)
         return (y - self.shift) / self.scale
 
     def inverse(self, x: Tensor) -> Tensor:
         """Model space → the reporting space ([0, 1) for discrete data, raw units otherwise)."""
-        return x * self.scale + self.shift
+        s = x * self.scale + self.shift
+        if self.logit_alpha > 0:
+            s = (torch.sigmoid(s) - self.logit_alpha) / (1 - 2 * self.logit_alpha)
+        return s
 
-    def log_det(self, dim: int) -> float:
-        """Add to a model-space log-density to get the reporting-space log-density."""
-        return -float(torch.log(self.scale.double()).expand(dim).sum())
+    def log_det(self, x: Tensor) -> Tensor:
+        """log|det ∂x/∂y| per sample (B,), from model-space points x (B, ...), in float64.
+
+        Add it to a model-space log-density to get the reporting-space log-density.
+        """
+        x = x.double()
+        dim = x[0].numel()
+        scale = self.scale.double()
+        out = -torch.log(scale).expand(x.shape[1:]).sum().expand(x.shape[0])
+        if self.logit_alpha > 0:
+            s = x * scale + self.shift.double()
+            # ds/dy = (1 - 2 alpha) / (p (1 - p)) with p = sigmoid(s)
+            per = math.log(1 - 2 * self.logit_alpha) - F.logsigmoid(s) - F.logsigmoid(-s)
+            out = out + per.reshape(x.shape[0], dim).sum(1)
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         return {"preprocess.shift": self.shift.contiguous(), "preprocess.scale": self.scale.contiguous()}

@@ -1,11 +1,31 @@
 """Vector-field backbones: ``forward(x, t)`` with t of shape (B,), output shaped like x."""
 
+from collections.abc import Sequence
+
+from torch import nn
+
 from flows.config import ModelConfig
+from flows.errors import ConfigError
 from flows.nn.embedding import TimeFeatures
 from flows.nn.mlp import TimeMLP
+from flows.nn.unet import TimeUNet
 
-__all__ = ["TimeMLP", "TimeFeatures", "build_field"]
+__all__ = ["TimeMLP", "TimeUNet", "TimeFeatures", "build_field"]
 
 
-def build_field(cfg: ModelConfig, dim: int) -> TimeMLP:
-    return TimeMLP(dim, cfg.hidden, cfg.activation, cfg.time_features)
+def build_field(cfg: ModelConfig, shape: int | Sequence[int]) -> nn.Module:
+    """The field for data of per-sample ``shape``: (D,) vectors → TimeMLP, (C, H, W) images → TimeUNet."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if cfg.name == "mlp":
+        if len(shape) != 1:
+            raise ConfigError(
+                f"model.name=mlp takes vectors, but the data are {shape} images: use model.name=unet "
+                "(or, for digits, data.image=false)."
+            )
+        return TimeMLP(shape[0], cfg.hidden, cfg.activation, cfg.time_features)
+    if len(shape) != 3:
+        raise ConfigError(
+            f"model.name=unet takes images (C, H, W), but the data are {shape}: use model.name=mlp "
+            "(or, for digits, data.image=true)."
+        )
+    return TimeUNet(shape, cfg.channels, cfg.channel_mult, cfg.num_res_blocks, cfg.attention_resolutions, cfg.groups)

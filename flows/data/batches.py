@@ -1,0 +1,51 @@
+"""Training batches from an in-memory tensor, split over processes.
+
+Each epoch is a permutation drawn from ``(seed, epoch)``; every global batch of ``batch_size`` rows is
+cut into one contiguous slice per process (Accelerate's ``split_batches`` semantics), so the union of
+the processes' slices is exactly the one-process batch. The position in the data is a pure function
+of the step, so resuming needs no sampler state. One indexing op per batch: no per-sample
+``__getitem__``, no collate (a DataLoader spent 0.8 ms of a 2 ms flow-matching step on that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batches"]
+
+
+class Batches:
+    def __init__(
+        self,
+        data: Tensor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_process, self.rank, self.device = batch_size // world, rank, torch.device(device)
+
+    def __len__(self) -> int:
+        """Global batches per epoch (the last partial batch is dropped)."""
+        return len(self.data) // self.batch_size
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Tensor]:
+        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = self.rank * self.per_process
+        for b in range(skip, len(self)):
+            index = perm[b * self.batch_size + start : b * self.batch_size + start + self.per_process]
+            yield self.data[index].to(self.device, non_blocking=True)
+
+    def from_step(self, step: int) -> Iterator[Tensor]:
+        """All batches from global step ``step`` on, across epochs, forever."""
+        epoch, skip = divmod(step, len(self))
+        while True:
+            yield from self.epoch(epoch, skip)
+            epoch, skip = epoch + 1, 0

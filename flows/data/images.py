@@ -1,0 +1,76 @@
+"""Image datasets as uint8 tensors (N, C, H, W): torchvision's MNIST and CIFAR-10, and IDX files.
+
+MNIST and CIFAR-10 go through torchvision (its real download code, off by default: our machines
+have no internet); an IDX folder (e.g. the MNIST test split in ``shared/data/mnist-t10k``) is read
+directly, gzip or not.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flows.errors import DataError
+
+__all__ = ["load_torchvision", "read_idx_images", "load_idx_folder"]
+
+
+def load_torchvision(name: str, root: str, download: bool) -> tuple[Tensor, Tensor]:
+    """(train, test) uint8 tensors (N, C, H, W) of torchvision's MNIST or CIFAR-10 under ``root``."""
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root, train=train, download=download)
+        except (RuntimeError, OSError) as e:
+            hint = (
+                "set data.download=true to fetch it (needs internet)"
+                if not download
+                else "check the internet connection and the folder's permissions"
+            )
+            raise DataError(
+                f"cannot load {name} ({'train' if train else 'test'} split) from '{root}': {e} "
+                f"Put torchvision's files under data.root, or {hint}. Offline alternatives: "
+                "data.name=idx data.path=FOLDER (IDX files), or data.name=digits data.image=true."
+            ) from None
+        images = torch.as_tensor(np.asarray(ds.data))
+        images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST (N,H,W); CIFAR NHWC
+        splits.append(images.contiguous())
+    return splits[0], splits[1]
+
+
+def read_idx_images(path: str | Path) -> Tensor:
+    """An IDX image file (magic 2051, optionally gzip-compressed) → uint8 tensor (N, 1, H, W)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read IDX file '{path}': {e}") from None
+    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
+        raise DataError(f"'{path}' is not an IDX image file (magic number 2051 expected).")
+    n, h, w = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+    if len(raw) != 16 + n * h * w or n == 0:
+        raise DataError(f"IDX file '{path}' is truncated: header says {n}x{h}x{w}, {len(raw) - 16} bytes of pixels.")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w).copy())
+
+
+def load_idx_folder(folder: str | Path) -> Tensor:
+    """All ``*images-idx3-ubyte[.gz]`` files of a folder, concatenated in name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data.path '{folder}' is not a folder (expected one holding *-images-idx3-ubyte[.gz]).")
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(("images-idx3-ubyte", "images-idx3-ubyte.gz")))
+    if not files:
+        raise DataError(f"no *-images-idx3-ubyte[.gz] file in '{folder}'.")
+    parts = [read_idx_images(p) for p in files]
+    if len({p.shape[1:] for p in parts}) > 1:
+        raise DataError(f"the IDX files in '{folder}' hold images of different sizes.")
+    return torch.cat(parts)

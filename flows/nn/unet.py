@@ -1,0 +1,136 @@
+"""TimeUNet: a time-conditioned U-Net vector field v(x, t) for images (B, C, H, W).
+
+GroupNorm (never BatchNorm: it would couple the samples of a batch and break the divergence),
+SiLU, residual blocks with scale-shift time conditioning, self-attention at chosen resolutions,
+einops for the reshapes. Any H, W: down-sampling rounds up and up-sampling returns to the size
+of the matching skip connection, so odd sizes (7x7 after two halvings of 28) work.
+Attention is written out (einsum + softmax) so that it has the double backward the
+maximum-likelihood objective needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flows.nn.embedding import TimeFeatures
+
+__all__ = ["TimeUNet"]
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, d_time: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(d_time, 2 * c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = rearrange(self.time(temb), "b (two c) -> two b c 1 1", two=2)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, groups: int, heads: int = 1):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n d) h w -> three b n (h w) d", three=3, n=self.heads)
+        weights = torch.einsum("bnid,bnjd->bnij", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+        o = torch.einsum("bnij,bnjd->bnid", weights, v)
+        return x + self.out(rearrange(o, "b n (h w) d -> b (n d) h w", h=h, w=w))
+
+
+class Level(nn.Module):
+    """Residual blocks at one resolution, each optionally followed by attention."""
+
+    def __init__(self, widths: Sequence[tuple[int, int]], d_time: int, groups: int, attention: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(a, b, d_time, groups) for a, b in widths)
+        self.attn = nn.ModuleList(Attention(b, groups) if attention else nn.Identity() for _, b in widths)
+
+
+class TimeUNet(nn.Module):
+    """Vector field on images. ``forward(x, t)``: x (B, C, H, W), t (B,) → (B, C, H, W)."""
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (),
+        groups: int = 8,
+    ):
+        super().__init__()
+        c_img, res = shape[0], shape[1]
+        d_time = 4 * channels
+        self.time = TimeFeatures(channels)
+        self.time_mlp = nn.Sequential(nn.Linear(channels, d_time), nn.SiLU(), nn.Linear(d_time, d_time))
+        self.stem = nn.Conv2d(c_img, channels, 3, padding=1)
+        widths, skips, c = [channels * m for m in channel_mult], [channels], channels
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        resolutions = []
+        for i, width in enumerate(widths):
+            pairs = []
+            for _ in range(num_res_blocks):
+                pairs.append((c, width))
+                c = width
+                skips.append(c)
+            self.down.append(Level(pairs, d_time, groups, res in attention_resolutions))
+            resolutions.append(res)
+            last = i == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
+            if not last:
+                skips.append(c)
+                res = (res + 1) // 2
+        self.mid = Level([(c, c), (c, c)], d_time, groups, attention=True)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            pairs = []
+            for _ in range(num_res_blocks + 1):
+                pairs.append((c + skips.pop(), width))
+                c = width
+            self.up.append(Level(pairs, d_time, groups, resolutions[i] in attention_resolutions))
+            self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
+        self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = self.time_mlp(self.time(t.to(x.dtype).expand(x.shape[0])))
+        h = self.stem(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsample, strict=True):
+            for block, attn in zip(level.blocks, level.attn, strict=True):
+                h = attn(block(h, temb))
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+        for block, attn in zip(self.mid.blocks, self.mid.attn, strict=True):
+            h = attn(block(h, temb))
+        for level, up in zip(self.up, self.upsample, strict=True):
+            for block, attn in zip(level.blocks, level.attn, strict=True):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if not isinstance(up, nn.Identity):
+                h = up(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+        return self.out(h)
