@@ -241,6 +241,9 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # save_state ends without a barrier: every rank must have written its files (RNG state) into tmp
+        # before the main process renames it, or a rank writes into a directory that no longer exists
+        acc.wait_for_everyone()
         if acc.is_main_process:
             save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             (tmp / "progress.json").write_text(json.dumps(vars(self.progress)))

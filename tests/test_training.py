@@ -141,10 +141,15 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
             [*launch, str(worker), str(out), *tiny_overrides(out / "run", steps=3)],
             extra_env={"ACCELERATE_USE_CPU": "1"},
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+        assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-2000:]
         # one file per rank: two processes really ran (the wrong flags silently start one)
         assert sorted(p.name for p in out.glob("rank*.safetensors")) == [f"rank{r}.safetensors" for r in range(n)]
         results[n] = [load_file(str(out / f"rank{r}.safetensors")) for r in range(n)]
+        # every rank's state landed in the final checkpoint, nothing half-written left behind
+        ckpts = sorted((out / "run" / "checkpoints").iterdir())
+        assert ckpts and not [c for c in ckpts if c.name.startswith(".tmp")], ckpts
+        assert {f"random_states_{r}.pkl" for r in range(n)} <= {p.name for p in ckpts[-1].iterdir()}
     (single,), (rank0, rank1) = results[1], results[2]
     for key in single:
         torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)  # ranks agree exactly
