@@ -71,6 +71,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
     activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
     time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
+    conditioning: Literal["concatsquash", "concat"] = "concatsquash"  # time gates every layer, or enters once
     # unet (images, (C, H, W); any H, W)
     channels: int = 32  # width at full resolution
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one level per entry, halving H, W

@@ -1,4 +1,4 @@
-"""Vector-field backbones: ``forward(x, t)`` with t of shape (B,), output shaped like x."""
+"""Vector-field backbones: ``forward(x, t)``, t of shape (B,) or () (one time for the batch), output like x."""
 
 from collections.abc import Sequence
 
@@ -22,7 +22,7 @@ def build_field(cfg: ModelConfig, shape: int | Sequence[int]) -> nn.Module:
                 f"model.name=mlp takes vectors, but the data are {shape} images: use model.name=unet "
                 "(or, for digits, data.image=false)."
             )
-        return TimeMLP(shape[0], cfg.hidden, cfg.activation, cfg.time_features)
+        return TimeMLP(shape[0], cfg.hidden, cfg.activation, cfg.time_features, cfg.conditioning)
     if len(shape) != 3:
         raise ConfigError(
             f"model.name=unet takes images (C, H, W), but the data are {shape}: use model.name=mlp "

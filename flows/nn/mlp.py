@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from flows.nn.embedding import TimeFeatures
+from flows.nn.embedding import TimeFeatures, time_rows
 
 __all__ = ["TimeMLP", "ACTIVATIONS"]
 
@@ -26,9 +27,22 @@ class ConcatSquash(nn.Module):
         return self.linear(x) * self.gate(temb).sigmoid() + self.bias(temb)
 
 
-class TimeMLP(nn.Module):
-    """Vector field on R^dim. ``forward(x, t)``: x (B, dim), t (B,) → (B, dim).
+class ConcatInput(nn.Module):
+    """``Linear([x, t-features])``: time enters as extra inputs (the first layer only)."""
 
+    def __init__(self, d_in: int, d_out: int, d_time: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in + d_time, d_out)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.linear(torch.cat([x, temb.expand(x.shape[0], -1)], dim=1))
+
+
+class TimeMLP(nn.Module):
+    """Vector field on R^dim. ``forward(x, t)``: x (B, dim), t (B,) or () → (B, dim).
+
+    conditioning: "concatsquash" gates every layer by the time (FFJORD); "concat" feeds the time
+    features to the first layer of a plain MLP (zuko's CNF, torchcfm's MLP).
     Smooth activations only: the divergence must be continuous for adaptive solvers.
     Samples never interact (no normalization across the batch).
     """
@@ -39,20 +53,27 @@ class TimeMLP(nn.Module):
         hidden: Sequence[int] = (64, 64, 64),
         activation: str = "tanh",
         time_features: int = 0,
+        conditioning: str = "concatsquash",
     ):
         super().__init__()
         self.time = TimeFeatures(max(time_features, 1))
         widths = [dim, *hidden, dim]
-        self.layers = nn.ModuleList(
-            ConcatSquash(a, b, self.time.dim) for a, b in zip(widths[:-1], widths[1:], strict=True)
-        )
+        pairs = list(zip(widths[:-1], widths[1:], strict=True))
+        if conditioning == "concatsquash":
+            layers = [ConcatSquash(a, b, self.time.dim) for a, b in pairs]
+        elif conditioning == "concat":
+            layers = [ConcatInput(*pairs[0], self.time.dim), *(nn.Linear(a, b) for a, b in pairs[1:])]
+        else:
+            raise ValueError(f"unknown conditioning {conditioning!r}: use 'concatsquash' or 'concat'")
+        self.gated = conditioning == "concatsquash"
+        self.layers = nn.ModuleList(layers)
         self.act = ACTIVATIONS[activation]()
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.time(t.to(x.dtype).expand(x.shape[0]))
+        temb = self.time(time_rows(t, x.shape[0], x.dtype))  # (1, d) when t is shared: broadcast
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(h, temb)
+            h = layer(h, temb) if i == 0 or self.gated else layer(h)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flows.nn.embedding import TimeFeatures
+from flows.nn.embedding import TimeFeatures, time_rows
 
 __all__ = ["TimeUNet"]
 
@@ -71,7 +71,7 @@ class Level(nn.Module):
 
 
 class TimeUNet(nn.Module):
-    """Vector field on images. ``forward(x, t)``: x (B, C, H, W), t (B,) → (B, C, H, W)."""
+    """Vector field on images. ``forward(x, t)``: x (B, C, H, W), t (B,) or () → (B, C, H, W)."""
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class TimeUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.time_mlp(self.time(t.to(x.dtype).expand(x.shape[0])))
+        temb = self.time_mlp(self.time(time_rows(t, x.shape[0], x.dtype)))  # (1, d) when t is shared
         h = self.stem(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample, strict=True):
