@@ -5,7 +5,7 @@
 
 Contestants, each trained for the same wall time on the same training split, one thread each:
 - flows-fm: configs/digits_fm.yaml (U-Net on 1x8x8 images, flow matching, minibatch OT coupling);
-- flows-mle: configs/digits_mle.yaml (MLP 3x256 on 64-D vectors, FFJORD + RNODE, Hutchinson, adjoint);
+- flows-mle: configs/digits_mle.yaml (MLP 3x256 on 64-D vectors, FFJORD + RNODE, Hutchinson, direct backprop);
 - flow_matching: its AffineProbPath + CondOTScheduler training the same U-Net in a plain Adam loop
   (same batch size and learning rate, no EMA), evaluated by our exact-likelihood code;
 - zuko: its CNF (MLP 3x256, ELU) trained by maximum likelihood with the Hutchinson trace, same data
