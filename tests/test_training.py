@@ -154,3 +154,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     for key in single:
         torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)  # ranks agree exactly
         torch.testing.assert_close(rank0[key], single[key], atol=1e-6, rtol=1e-5)  # = one process
+
+    # the two-process run resumes with two processes (`launch` is still the two-process command)
+    run_dir = tmp_path / "p2" / "run"
+    proc = run([*launch, "train.py", "--resume", str(run_dir), "train.steps=5"], extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
