@@ -70,7 +70,7 @@ class FlowMatching(nn.Module):
         t = sample_time(len(x1), cfg.time_sampling, cfg.logit_normal_mean, cfg.logit_normal_std, x1.device)
         ps = self.path.sample(x0, x1, t)
         loss = (self.field(ps.xt, t).float() - ps.dxt).pow(2).mean()
-        return loss, {"fm_loss": loss.detach()}
+        return loss, {}
 
 
 def build_objective(field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig) -> nn.Module:

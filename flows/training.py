@@ -78,16 +78,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _eval_trace(cfg: Config, dim: int) -> str:
-    return auto_trace(cfg.eval.trace, dim, cfg.model.name)
-
-
 @torch.no_grad()
 def evaluate_nll(
     accelerator: Accelerator, field: nn.Module, loader: DataLoader, data: Data, cfg: Config
 ) -> dict[str, Any]:
     """Held-out NLL (reporting space), split over processes and gathered without padding."""
-    start, trace, pre = time.perf_counter(), _eval_trace(cfg, data.dim), data.preprocess
+    start, trace, pre = time.perf_counter(), auto_trace(cfg.eval.trace, data.dim, cfg.model.name), data.preprocess
     values, nfe = [], []
     for (raw,) in loader:
         x = pre(raw)
@@ -332,7 +328,6 @@ class Trainer:
             [
                 loss.item(),
                 stats["nll"].item() - pre.log_det(x).mean().item() if "nll" in stats else torch.nan,
-                stats.get("fm_loss", torch.nan),
                 stats.get("kinetic", torch.nan),
                 stats.get("jacobian", torch.nan),
                 nfe.forward if nfe else torch.nan,
@@ -341,7 +336,7 @@ class Trainer:
             device=acc.device,
         )
         values = acc.reduce(values, "mean")
-        names = ("loss", "nll", "fm_loss", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
+        names = ("loss", "nll", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
         record = {k: v for k, v in zip(names, values.tolist(), strict=True) if not math.isnan(v)}
         record |= {"grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
         return record

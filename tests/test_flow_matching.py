@@ -63,7 +63,8 @@ def test_flow_matching_run_is_sampled_and_evaluated_by_the_same_commands(tmp_pat
     result = train(load_config(None, fm_overrides(run_dir)))
     assert math.isfinite(result["nll"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all("fm_loss" in r and "nll" not in r for r in records if "loss" in r)
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r["loss"] > 0 and "nll" not in r and "nfe_forward" not in r for r in steps)
     assert checkpoint.load(run_dir).config.objective.name == "fm"
     proc = run([sys.executable, "evaluate.py", str(run_dir), "--limit", "10", "--check", "5"])
     assert proc.returncode == 0, proc.stderr[-2000:]

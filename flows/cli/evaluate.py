@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from flows import checkpoint
         from flows.config import SolverConfig
-        from flows.data import build_data, load_array
+        from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
         from flows.evaluation import EvalOptions, point_log_likelihood, summarize, tolerance_check
         from flows.likelihood import auto_trace
@@ -132,20 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         acc.end_training()
 
     run_cli(go)
-
-
-def check_shape(raw, shape: tuple[int, ...], source: str) -> None:
-    """Refuse data whose per-sample shape is not the model's (e.g. 3 channels for a 1-channel model)."""
-    from flows.errors import FlowsError
-
-    got = tuple(raw.shape[1:])
-    if got != tuple(shape):
-        what = "images" if len(shape) == 3 else "vectors"
-        raise FlowsError(
-            f"{source}: data has shape {got} per sample; the model was trained on {what} of shape {tuple(shape)}"
-            + (f" (channels: got {got[0]}, expected {shape[0]})" if len(got) == len(shape) == 3 else "")
-            + ". Pass data of the model's shape."
-        )
 
 
 def report(r: dict) -> None:

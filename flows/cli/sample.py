@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         from accelerate.utils import gather_object
 
         from flows import checkpoint
-        from flows.cli.evaluate import check_shape
-        from flows.data import build_data, load_array
+        from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
         from flows.sampling import encode, sample, transport_summary
 
@@ -121,25 +120,19 @@ def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
     import torch
 
     from flows.data import build_data
-    from flows.likelihood import log_prob_chunked
     from flows.ode import solve_path
-    from flows.plotting import grid, plot_2d, plot_paths
+    from flows.plotting import plot_2d, plot_paths
+    from flows.report import grid_log_density, save_grid
 
     written = []
     images = data[:64].reshape(-1, 1, 8, 8) if loaded.config.data.name == "digits" else data[:64]
     if images.ndim == 4:
-        from torchvision.utils import save_image
-
-        save_image(images.clamp(0, 1), out / "samples_grid.png", nrow=8, padding=1)
-        written.append(out / "samples_grid.png")
+        written.append(save_grid(images, out / "samples_grid.png"))
     if loaded.dim != 2:
         return written
     pre = loaded.preprocess
     reference = build_data(loaded.config.data).test.numpy()
-    points, extent = grid(reference, 120)
-    x_grid = pre(torch.from_numpy(points))
-    lp, _ = log_prob_chunked(loaded.field, x_grid, solver, "exact", args.chunk)
-    lp = (lp.double() + pre.log_det(x_grid)).numpy()
+    lp, extent = grid_log_density(loaded, reference, solver, args.chunk)
     title = f"{len(data):,} samples, NFE {info['nfe']}, straightness {info['straightness']:.3f}"
     written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
     if args.trajectories:

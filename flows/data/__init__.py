@@ -16,7 +16,7 @@ from flows.data.preprocess import Preprocess, bits_per_dim
 from flows.data.toy2d import sample_toy
 from flows.errors import DataError
 
-__all__ = ["Data", "build_data", "bits_per_dim", "Preprocess", "sample_toy", "image_preprocess"]
+__all__ = ["Data", "build_data", "check_shape", "bits_per_dim", "Preprocess", "sample_toy", "image_preprocess"]
 
 
 @dataclass
@@ -119,3 +119,15 @@ def load_array(path: str | Path | None, ndim: int | None = 2) -> Tensor:
             f" ({int(bad.sum())} bad rows in all). Clean or drop them first."
         )
     return torch.from_numpy(array.astype(np.float32))
+
+
+def check_shape(raw: Tensor, shape: tuple[int, ...], source: str) -> None:
+    """Refuse data whose per-sample shape is not the model's (e.g. 3 channels for a 1-channel model)."""
+    got = tuple(raw.shape[1:])
+    if got != tuple(shape):
+        what = "images" if len(shape) == 3 else "vectors"
+        raise DataError(
+            f"{source}: data has shape {got} per sample; the model was trained on {what} of shape {tuple(shape)}"
+            + (f" (channels: got {got[0]}, expected {shape[0]})" if len(got) == len(shape) == 3 else "")
+            + ". Pass data of the model's shape."
+        )
