@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -70,6 +71,16 @@ class Loaded:
     def dim(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.field.parameters()).device
+
+    def to(self, device: torch.device | str) -> Loaded:
+        """Move the field and the preprocessing constants to ``device`` (in place); returns self."""
+        self.field.to(device)
+        self.preprocess = self.preprocess.to(device)
+        return self
+
 
 def resolve(path: str | Path) -> Path:
     """A run directory or a file → the inference file's path."""
@@ -98,7 +109,10 @@ def _check_header(path: Path) -> None:
 
 
 def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> Loaded:
-    """Rebuild the field from a run directory or inference file. weights: 'ema' or 'model'."""
+    """Rebuild the field from a run directory or inference file. weights: 'ema' or 'model'.
+
+    Tensors are read onto ``map_location`` (the CPU); ``Loaded.to(device)`` moves the field and the
+    preprocessing on."""
     path = resolve(path)
     _check_header(path)
     try:

@@ -230,6 +230,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}.")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if value not in args:
             _unknown(key, str(value), [str(a) for a in args])
         return value

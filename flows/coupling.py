@@ -28,8 +28,8 @@ def ot_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
     cost = cost - cost.min(1, keepdim=True).values
     cost = cost - cost.min(0, keepdim=True).values
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    order = torch.empty(len(cols), dtype=torch.long)
-    order[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    order = torch.empty(len(cols), dtype=torch.long, device="cpu")  # the one deliberate host round trip
+    order[torch.as_tensor(cols, device="cpu")] = torch.as_tensor(rows, device="cpu")
     return x0[order.to(x0.device)], x1
 
 

@@ -36,17 +36,18 @@ def point_log_likelihood(
 ) -> tuple[Tensor, Tensor, int]:
     """log p of each raw point in the reporting space.
 
-    Returns (log p (B,), variance over probes of the per-probe estimates (B,), NFE).
+    Returns (log p (B,), variance over probes of the per-probe estimates (B,), NFE), on raw's device;
+    ``generator``, if given, must live on that device too.
     """
     probes = opts.probes if opts.trace == "hutchinson" else 1
     deq = opts.deq_samples if pre.levels is not None else 1
     b = raw.shape[0]
     reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
-    noise = torch.rand(reps.shape, generator=generator) if pre.levels is not None else None
+    noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
     x = pre(reps, noise=noise)
     res = log_prob(field, x, opts.solver, opts.trace, opts.probe, generator=generator)
     lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
-    var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64)
+    var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
     lp = lp.mean(1)  # unbiased over probes
     lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
     return lp, var, res.nfe.forward
@@ -80,13 +81,13 @@ def tolerance_check(
     tight = SolverConfig(
         **{**opts.solver.__dict__, "atol": opts.solver.atol / factor, "rtol": opts.solver.rtol / factor}
     )
-    base, _, _ = point_log_likelihood(field, raw, pre, opts, torch.Generator().manual_seed(seed))
+    base, _, _ = point_log_likelihood(field, raw, pre, opts, torch.Generator(raw.device).manual_seed(seed))
     ref, _, nfe = point_log_likelihood(
         field,
         raw,
         pre,
         EvalOptions(tight, opts.trace, opts.probes, opts.probe, opts.deq_samples),
-        torch.Generator().manual_seed(seed),
+        torch.Generator(raw.device).manual_seed(seed),
     )
     delta = (base - ref).abs()
     return {

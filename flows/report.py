@@ -27,28 +27,30 @@ def save_grid(images: torch.Tensor, out: Path) -> Path:
 def grid_log_density(loaded, reference: np.ndarray, solver, chunk: int, size: int = 120):
     """log p (data space, float64) of a 2D model on a size x size grid around ``reference``; (lp, extent)."""
     points, extent = grid(reference, size)
-    x = loaded.preprocess(torch.from_numpy(points))
+    x = loaded.preprocess(torch.from_numpy(points).to(loaded.device))
     lp, _ = log_prob_chunked(loaded.field, x, solver, "exact", chunk)
-    return (lp.double() + loaded.preprocess.log_det(x)).numpy(), extent
+    return (lp.double() + loaded.preprocess.log_det(x)).cpu().numpy(), extent
 
 
-def image_grid(run: str | Path, n: int = 64, seed: int = 0) -> Path:
+def image_grid(run: str | Path, n: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> Path:
     """Write ``run/samples_grid.png``: ``n`` samples of an image model (EMA weights)."""
-    loaded = checkpoint.load(run)
-    gen = torch.Generator().manual_seed(seed)
+    loaded = checkpoint.load(run).to(device)
+    gen = torch.Generator(loaded.device).manual_seed(seed)
     res = sample(loaded.field, n, loaded.shape, loaded.config.eval.solver, generator=gen)
-    return save_grid(loaded.preprocess.inverse(res.x), Path(loaded.path).parent / "samples_grid.png")
+    return save_grid(loaded.preprocess.inverse(res.x).cpu(), Path(loaded.path).parent / "samples_grid.png")
 
 
-def plot_run(run: str | Path, n_samples: int = 20_000, grid_size: int = 120, seed: int = 0) -> Path:
+def plot_run(
+    run: str | Path, n_samples: int = 20_000, grid_size: int = 120, seed: int = 0, device: torch.device | str = "cpu"
+) -> Path:
     """Write ``run/samples.png`` (data | samples | density) for a 2D model; returns its path."""
-    loaded = checkpoint.load(run)
+    loaded = checkpoint.load(run).to(device)
     cfg, pre = loaded.config, loaded.preprocess
     data = build_data(cfg.data).test.numpy()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(loaded.device).manual_seed(seed)
     res = sample(loaded.field, n_samples, loaded.shape, cfg.eval.solver, generator=gen)
     x, nfe = res.x, res.nfe
     lp, extent = grid_log_density(loaded, data, cfg.eval.solver, 10_000, grid_size)
     out = Path(loaded.path).parent / "samples.png"
     title = f"{cfg.data.name}, step {loaded.step} (EMA), sampling NFE {nfe}"
-    return plot_2d(out, data, pre.inverse(x).numpy(), lp, extent, title)
+    return plot_2d(out, data, pre.inverse(x).cpu().numpy(), lp, extent, title)

@@ -50,9 +50,14 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> SampleResult:
-    """``n`` samples in model space, solved in chunks of ``chunk`` (bounded memory)."""
-    dtype = next((p.dtype for p in field.parameters()), torch.get_default_dtype())
-    z = torch.randn((n, *shape), generator=generator, dtype=dtype)
+    """``n`` samples in model space, solved in chunks of ``chunk`` (bounded memory).
+
+    The noise is drawn on the field's device (``generator``, if given, must live there too).
+    """
+    param = next(iter(field.parameters()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    device = param.device if param is not None else torch.device("cpu")
+    z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
     return _flow(field, z, 0.0, 1.0, solver, chunk, progress)
 
 

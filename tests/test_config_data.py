@@ -120,3 +120,8 @@ def test_batches_split_over_processes_and_resume_from_any_step():
     assert not torch.equal(seen[0], seen[6])  # reshuffled each epoch
     resumed = one.from_step(5)
     assert all(torch.equal(next(resumed), seen[k]) for k in range(5, 12))
+
+
+def test_unquoted_no_is_the_option_no_not_false():
+    """YAML 1.1 reads `no` as false; `train.mixed_precision=no` must still mean 'no'."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

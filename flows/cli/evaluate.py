@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.atol <= 0 or args.rtol <= 0:
             raise FlowsError("--atol and --rtol must be positive")
         acc = Accelerator()
-        loaded = checkpoint.load(args.checkpoint, args.weights)
+        loaded = checkpoint.load(args.checkpoint, args.weights).to(acc.device)
         pre, dim, shape = loaded.preprocess, loaded.dim, loaded.shape
         if args.data:
             raw = load_array(args.data, ndim=None)
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             "rademacher",
             args.deq_samples if pre.levels is not None else 1,
         )
-        index = torch.arange(len(raw))
+        index = torch.arange(len(raw), device="cpu")
+        # the prepared loader splits the points over processes and puts each batch on acc.device
         loader = acc.prepare_data_loader(DataLoader(TensorDataset(raw, index), batch_size=args.batch_size))
-        gen = torch.Generator().manual_seed(args.seed + acc.process_index)
+        gen = torch.Generator(acc.device).manual_seed(args.seed + acc.process_index)
         lps, vars_, idx, nfe = [], [], [], []
         start = time.perf_counter()
         for xb, ib in tqdm(loader, desc="evaluate", disable=not acc.is_local_main_process):
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": seconds,
             "points_per_second": len(raw) / seconds,
             "processes": acc.num_processes,
+            "device": str(acc.device),
             "data": source,
             "checkpoint": str(loaded.path),
             "step": loaded.step,
@@ -118,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             "solver": dataclasses.asdict(solver),
         }
         if args.check and acc.is_main_process:
-            pick = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed))[: args.check]
-            check = tolerance_check(loaded.field, raw[pick], pre, opts, 100.0, args.seed)
+            gen = torch.Generator("cpu").manual_seed(args.seed)
+            pick = torch.randperm(len(raw), generator=gen, device="cpu")[: args.check]
+            check = tolerance_check(loaded.field, raw[pick].to(acc.device), pre, opts, 100.0, args.seed)
             check["warning"] = bool(check["max_abs_change"] > result["nll_se"])
             result["tolerance_check"] = check
         if acc.is_main_process:
@@ -149,7 +152,11 @@ def report(r: dict) -> None:
         ("trace", f"{r['trace']} (probes {r['probes']}, dequantization samples {r['deq_samples']})"),
         ("solver", f"{s['method']} atol={s['atol']:g} rtol={s['rtol']:g}"),
         ("NFE per solve", f"{r['nfe_per_solve']:.1f}"),
-        ("time", f"{r['seconds']:.2f} s, {r['points_per_second']:,.0f} points/s, {r['processes']} process(es)"),
+        (
+            "time",
+            f"{r['seconds']:.2f} s, {r['points_per_second']:,.0f} points/s, "
+            f"{r['processes']} process(es) on {r['device']}",
+        ),
     ]
     if "tolerance_check" in r:
         c = r["tolerance_check"]

@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
         if args.steps is not None and args.steps <= 0:
             raise FlowsError("--steps must be positive")
-        loaded = checkpoint.load(args.checkpoint, args.weights)
+        acc = Accelerator()
+        loaded = checkpoint.load(args.checkpoint, args.weights).to(acc.device)
         solver = loaded.config.eval.solver
         changes = {k: v for k, v in (("method", args.method), ("atol", args.atol), ("rtol", args.rtol)) if v}
         if args.steps:
             changes["step_size"] = 1.0 / args.steps
             changes.setdefault("method", "rk4" if solver.method not in ("euler", "midpoint", "rk4") else solver.method)
         solver = dataclasses.replace(solver, **changes, adjoint=False)
-        acc = Accelerator()
         out = Path(args.out) if args.out else loaded.path.parent / ("codes" if args.encode else "samples")
         pre, shape = loaded.preprocess, loaded.shape
         start = time.perf_counter()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             raw = load_array(args.data, ndim=None) if args.data else build_data(loaded.config.data).test
             check_shape(raw, shape, args.data or "test split")
             raw = raw[: args.n]
-            mine = raw[acc.process_index :: acc.num_processes]
+            mine = raw[acc.process_index :: acc.num_processes].to(acc.device)
             res = encode(
                 loaded.field,
                 pre(mine, dequantize=pre.levels is not None),
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         else:
             share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
-            gen = torch.Generator().manual_seed(args.seed + 1_000_003 * acc.process_index)
+            gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
             res = sample(loaded.field, share, shape, solver, args.chunk, gen, acc.is_local_main_process)
         seconds = time.perf_counter() - start
-        parts = gather_object([(res.x, res.z, res.kinetic, res.nfe)])
+        parts = gather_object([(res.x.cpu(), res.z.cpu(), res.kinetic.cpu(), res.nfe)])
         if not acc.is_main_process:
             return
         x, z, kinetic = (torch.cat([p[i] for p in parts]) for i in range(3))
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": seconds,
             **transport_summary(res),
             "processes": acc.num_processes,
+            "device": str(acc.device),
             "solver": dataclasses.asdict(solver),
             "checkpoint": str(loaded.path),
             "step": loaded.step,
@@ -136,9 +137,11 @@ def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
     title = f"{len(data):,} samples, NFE {info['nfe']}, straightness {info['straightness']:.3f}"
     written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
     if args.trajectories:
-        z = torch.randn(args.trajectories, 2, generator=torch.Generator().manual_seed(args.seed + 7))
-        path, _ = solve_path(loaded.field, z, torch.linspace(0, 1, 60), solver)
-        path = pre.inverse(path)
+        device = loaded.device
+        gen = torch.Generator(device).manual_seed(args.seed + 7)
+        z = torch.randn(args.trajectories, 2, generator=gen, device=device)
+        path, _ = solve_path(loaded.field, z, torch.linspace(0, 1, 60, device=device), solver)
+        path = pre.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())
         written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]
     return written

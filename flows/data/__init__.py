@@ -38,15 +38,15 @@ class Data:
 def image_preprocess(levels: int, logit_alpha: float) -> Preprocess:
     """Dequantize to [0, 1); then logit(alpha + (1 - 2 alpha) y) if alpha > 0, else scale to [-1, 1)."""
     if logit_alpha > 0:
-        return Preprocess(torch.tensor(0.0), torch.tensor(1.0), levels, logit_alpha)
-    return Preprocess(torch.tensor(0.5), torch.tensor(0.5), levels)
+        return Preprocess(torch.tensor(0.0, device="cpu"), torch.tensor(1.0, device="cpu"), levels, logit_alpha)
+    return Preprocess(torch.tensor(0.5, device="cpu"), torch.tensor(0.5, device="cpu"), levels)
 
 
 def build_data(cfg: DataConfig) -> Data:
     if cfg.name in TOY_DATASETS:
         train = torch.from_numpy(sample_toy(cfg.name, cfg.train_size, cfg.seed))
         test = torch.from_numpy(sample_toy(cfg.name, cfg.test_size, cfg.test_seed))
-        identity = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+        identity = Preprocess(torch.tensor(0.0, device="cpu"), torch.tensor(1.0, device="cpu"))
         return Data(cfg.name, train, test, identity)
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
@@ -81,7 +81,7 @@ def build_data(cfg: DataConfig) -> Data:
 
 
 def _split(values: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    perm = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(values), generator=torch.Generator("cpu").manual_seed(seed), device="cpu")
     n_test = max(1, round(len(values) * test_fraction))
     if len(values) - n_test < 1:
         raise DataError(f"only {len(values)} rows: too few to split into train and test.")

@@ -39,7 +39,7 @@ def load_torchvision(name: str, root: str, download: bool) -> tuple[Tensor, Tens
                 f"Put torchvision's files under data.root, or {hint}. Offline alternatives: "
                 "data.name=idx data.path=FOLDER (IDX files), or data.name=digits data.image=true."
             ) from None
-        images = torch.as_tensor(np.asarray(ds.data))
+        images = torch.as_tensor(np.asarray(ds.data), device="cpu")
         images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST (N,H,W); CIFAR NHWC
         splits.append(images.contiguous())
     return splits[0], splits[1]

@@ -18,7 +18,7 @@ class TimeFeatures(nn.Module):
         self.dim = dim
         if dim > 1:
             half = dim // 2
-            freqs = torch.exp(-math.log(max_period) * torch.arange(half) / max(half - 1, 1))
+            freqs = torch.exp(-math.log(max_period) * torch.arange(half, device="cpu") / max(half - 1, 1))
             self.register_buffer("freqs", freqs * 2 * math.pi, persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
