@@ -46,20 +46,26 @@ TOY_DATASETS = (
 
 
 IMAGE_DATASETS = ("mnist", "cifar10", "idx")
-DATASETS = (*TOY_DATASETS, "digits", "tabular", *IMAGE_DATASETS)
+SUITE_DATASETS = ("power", "gas", "hepmass", "miniboone", "bsds300")  # MAF / FFJORD / OT-Flow tables
+DATASETS = (*TOY_DATASETS, "digits", "tabular", *SUITE_DATASETS, *IMAGE_DATASETS)
 
 
 @dataclass
 class DataConfig:
     name: str = "checkerboard"  # a toy density, "digits", "tabular", "mnist", "cifar10" or "idx"
     path: str | None = None  # "tabular": .npy / .npz file; "idx": a folder of *-images-idx3-ubyte[.gz] files
-    root: str = "data"  # "mnist" / "cifar10": torchvision's dataset folder
+    root: str = "data"  # "mnist" / "cifar10": torchvision's folder; power, gas, ...: the unpacked MAF archive
+    allow_pickle: bool = False  # gas: its published file is a pandas pickle (unpickling runs code from it)
     download: bool = False  # "mnist" / "cifar10": let torchvision download into root (needs internet)
     image: bool = False  # "digits": (1, 8, 8) images instead of 64-D vectors (for the U-Net)
     logit_alpha: float = 0.0  # images: > 0 models logit(alpha + (1 - 2 alpha) y); 0: y scaled to [-1, 1]
     train_size: int = 1_000_000  # toy densities: points generated for training
     test_size: int = 10_000  # toy densities: held-out points (generated with test_seed)
     test_fraction: float = 0.2  # digits / tabular / idx: share held out (idx: the last rows, as in BENCHMARKS)
+    test_path: str | None = None  # tabular: a predefined test split (.npy/.npz); then data.path is all training rows
+    val_path: str | None = None  # tabular: a predefined validation split (model selection, early stopping)
+    val_fraction: float = 0.0  # digits / tabular: share of the training rows held out for validation
+    dequantize: bool = False  # tabular: add U[0, 1) noise once (seeded) to integer-valued columns, as MAF's POWER
     seed: int = 0
     test_seed: int = 1
 
@@ -118,11 +124,13 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 500  # held-out NLL on eval.periodic_size points; 0 disables
+    eval_every: int = 500  # held-out NLL on eval.periodic_size points (validation split if any); 0 disables
+    evals_per_budget: int = 0  # with time_limit: also evaluate each time another 1/K of the time has passed
+    patience: int = 0  # stop after this many validation evaluations without a new best (0: never)
     save_every: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
-    time_limit: float | None = None  # minutes of training (evaluation excluded); then evaluate, save, stop
+    time_limit: float | None = None  # minutes of training and periodic evaluation; the lr schedule spans it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # flow matching only; never inside ODE solves
     init_from: str | None = None  # a run (or model.safetensors) whose EMA weights start this one
 
@@ -158,6 +166,9 @@ class Config:
             (self.train.max_bad_steps > 0, "train.max_bad_steps must be > 0"),
             (self.eval.batch_size > 0, "eval.batch_size must be > 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+            (0 <= self.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+            (self.train.patience >= 0 and self.train.evals_per_budget >= 0, "train.patience must be >= 0"),
+            (self.train.time_limit is None or self.train.time_limit > 0, "train.time_limit must be > 0"),
             (self.data.train_size > 0 and self.data.test_size > 0, "data sizes must be > 0"),
             (bool(self.model.hidden) and min(self.model.hidden) > 0, "model.hidden: widths > 0"),
             (self.objective.kinetic >= 0, "objective.kinetic must be >= 0"),

@@ -60,16 +60,18 @@ def ema_multi_avg_fn(decay: float):
     return update
 
 
-def lr_lambda(cfg: Config):
-    """Linear warm-up, then constant or a cosine decay to zero at ``train.steps``."""
+def lr_lambda(cfg: Config, time_fraction=lambda: 0.0):
+    """Linear warm-up, then constant or a cosine decay to zero at the end of the budget: ``train.steps``,
+    or ``train.time_limit`` when that comes first (``time_fraction()``: the share of it used so far)."""
     warmup, total, cosine = max(cfg.train.warmup_steps, 1), cfg.train.steps, cfg.train.schedule == "cosine"
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if not cosine or total <= warmup:
+        if not cosine:
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+        by_steps = (step - warmup) / (total - warmup) if total > warmup else 0.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(by_steps, time_fraction()))))
 
     return factor
 
@@ -78,6 +80,10 @@ def lr_lambda(cfg: Config):
 class Progress:
     step: int = 0
     bad_steps: int = 0
+    train_time: float = 0.0  # seconds of training and periodic evaluation (the time budget)
+    best_nll: float | None = None  # model selection on the validation split
+    best_step: int = 0
+    stale_evals: int = 0  # validation evaluations since the best one
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -142,14 +148,11 @@ class Trainer:
         opt = torch.optim.Adam(
             self.field.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self._time_fraction = 0.0  # share of train.time_limit used, the same on every process
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: self._time_fraction))
         self.batches = Batches(
-            self.data.train, cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes, acc.device
+            self.data.train, self._batch_size(), cfg.train.seed, acc.process_index, acc.num_processes, acc.device
         )
-        if len(self.batches) == 0:
-            raise TrainingAborted(
-                f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.data.train)} training rows."
-            )
         self.objective, self.opt, self.sched = acc.prepare(objective, opt, sched)
         # per-step work on cached lists (module.parameters() walks the module tree every call)
         self._params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -167,20 +170,38 @@ class Trainer:
         # solver failures (maximum likelihood) must be agreed on by all processes before backward
         self._agree_every_step = cfg.objective.name == "mle" and acc.num_processes > 1
         self._skipped: Tensor | int = 0  # non-finite steps caught on the device since the last check
-        test = self.data.test
+        test, val = self.data.test, self.data.val
+        self.selecting = val is not None  # keep the best EMA weights by validation NLL
+        periodic = val if val is not None else test
         self.eval_loaders = {
             name: acc.prepare_data_loader(DataLoader(TensorDataset(x), batch_size=cfg.eval.batch_size))
-            for name, x in (("periodic", test[: cfg.eval.periodic_size]), ("final", test))
+            for name, x in (("periodic", periodic[: cfg.eval.periodic_size]), ("final", test))
         }
+        self._best: dict[str, Tensor] | None = None
+        self._last_eval_step, self._evals_by_time = -1, 0
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._load(self._resume_dir())
+            if cfg.train.time_limit:  # the budget continues where it stopped (the same on every process)
+                self._time_fraction = self.progress.train_time / (60 * cfg.train.time_limit)
+                self._evals_by_time = self._marks_passed()
         else:
             self._check_fresh()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def _batch_size(self) -> int:
+        """train.batch_size, or the whole table (a multiple of the process count) when the table is smaller."""
+        acc, asked, rows = self.accelerator, self.cfg.train.batch_size, len(self.data.train)
+        if asked <= rows:
+            return asked
+        batch = rows - rows % acc.num_processes
+        if batch == 0:
+            raise TrainingAborted(f"{rows} training rows cannot be split over {acc.num_processes} processes.")
+        acc.print(f"train.batch_size={asked} is larger than the {rows} training rows: each batch is the whole table.")
+        return batch
 
     # ----------------------------------------------------------------- checkpoints
     def _init_from(self, source: str) -> None:
@@ -216,6 +237,8 @@ class Trainer:
             self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
             self._ema_count = int(self.ema.n_averaged)
             self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+            if (ckpt / "best.safetensors").exists():
+                self._best = load_file(str(ckpt / "best.safetensors"), device=str(self.accelerator.device))
         except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
             kind = "refused: it holds pickled code or objects" if "weights_only" in str(e) else "unreadable"
             raise CheckpointError(
@@ -258,20 +281,19 @@ class Trainer:
         if acc.is_main_process:
             save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             (tmp / "progress.json").write_text(json.dumps(vars(self.progress)))
+            if self._best is not None:
+                save_file({k: v.contiguous() for k, v in self._best.items()}, str(tmp / "best.safetensors"))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(final.parent.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-            checkpoint.export(
-                self.run_dir / checkpoint.MODEL_FILE,
-                self.field,
-                self.ema,
-                self.data.preprocess,
-                self.cfg,
-                self.data.shape,
-                step,
-            )
+            self._export()
         acc.wait_for_everyone()
+
+    def _export(self) -> None:
+        """The slim inference file (main process): the raw and the EMA weights, preprocessing, config."""
+        path, cfg, data = self.run_dir / checkpoint.MODEL_FILE, self.cfg, self.data
+        checkpoint.export(path, self.field, self.ema, data.preprocess, cfg, data.shape, self.progress.step)
 
     # ----------------------------------------------------------------- logging
     def log(self, record: dict[str, Any]) -> None:
@@ -281,14 +303,66 @@ class Trainer:
 
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
         result = evaluate_nll(self.accelerator, self.ema.module, self.eval_loaders[which], self.data, self.cfg)
-        self.log({"step": self.progress.step, "eval": which, **extra, **result})
+        if which == "periodic":
+            self._last_eval_step = self.progress.step
+            self._evals_by_time = self._marks_passed()
+        split = "validation" if which == "periodic" and self.selecting else "held-out"
+        self.log({"step": self.progress.step, "eval": which, "split": split, **extra, **result})
         bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
         self.accelerator.print(
-            f"step {self.progress.step}: held-out NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
+            f"step {self.progress.step}: {split} NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
             f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, "
             f"{result['seconds']:.1f} s)"
         )
         return result
+
+    # ----------------------------------------------------------------- selection and budget
+    def _agreed_max(self, value: float) -> float:
+        """The largest ``value`` over processes (a collective when there are several)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, "max").item())
+
+    def _eval_marks(self) -> list[float]:
+        """Shares of the time budget at which to evaluate: K evenly spaced, and doubling ones before the
+        first of them (1/2K, 1/4K, ...: a small table can overfit within the first 1/K of the budget)."""
+        k = self.cfg.train.evals_per_budget
+        if not k:
+            return []
+        return sorted({*(i / k for i in range(1, k + 1)), *(2.0**-j / k for j in range(1, 9))})
+
+    def _marks_passed(self) -> int:
+        return sum(m <= self._time_fraction for m in self._eval_marks())
+
+    def _periodic_due(self, step: int, log_now: bool) -> bool:
+        """Every ``train.eval_every`` steps, and (with a time limit) at each mark of ``_eval_marks``."""
+        tc = self.cfg.train
+        if tc.eval_every and step % tc.eval_every == 0:
+            return True
+        if not (tc.evals_per_budget and tc.time_limit) or not (log_now or self.accelerator.num_processes == 1):
+            return False
+        return self._marks_passed() > self._evals_by_time
+
+    def _select(self, result: dict[str, Any]) -> bool:
+        """Keep the EMA weights if their validation NLL is the best so far; True when patience has run out."""
+        progress, patience = self.progress, self.cfg.train.patience
+        if not self.selecting or not math.isfinite(result["nll"]):
+            return False
+        if progress.best_nll is None or result["nll"] < progress.best_nll:
+            progress.best_nll, progress.best_step, progress.stale_evals = result["nll"], progress.step, 0
+            self._best = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
+        else:
+            progress.stale_evals += 1
+        return patience > 0 and progress.stale_evals >= patience
+
+    def _restore_best(self) -> None:
+        if self._best is not None:
+            self.ema.load_state_dict(self._best)
+            self.accelerator.print(
+                f"kept the EMA weights of step {self.progress.best_step} "
+                f"(validation NLL {self.progress.best_nll:.4f} nats)"
+            )
 
     # ----------------------------------------------------------------- the loop
     def _batches(self):
@@ -419,19 +493,22 @@ class Trainer:
             desc="train",
             mininterval=0.2 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         )
-        train_time, batches = 0.0, self._batches()  # seconds in training steps (no eval, no saving)
+        batches, progress = self._batches(), self.progress
+        budget = 60 * tc.time_limit if tc.time_limit is not None else None
         self.objective.train()
-        while self.progress.step < tc.steps:
-            log_now = (self.progress.step + 1) % tc.log_every == 0 or self.progress.step == 0
-            # several processes agree on the time limit on logging steps only (a collective)
-            timed = tc.time_limit is not None and (log_now or acc.num_processes == 1)
-            if timed and self._any(train_time > 60 * tc.time_limit):
-                acc.print(f"time limit of {tc.time_limit} min reached at step {self.progress.step}")
-                break
+        while progress.step < tc.steps:
+            log_now = (progress.step + 1) % tc.log_every == 0 or progress.step == 0
+            # several processes agree on the time used on logging steps only (a collective)
+            if budget is not None and (log_now or acc.num_processes == 1):
+                self._time_fraction = self._agreed_max(progress.train_time) / budget
+                if self._time_fraction >= 1:
+                    acc.print(f"time limit of {tc.time_limit} min reached at step {progress.step}")
+                    break
             raw = next(batches)
             t0 = time.perf_counter()
             record = self.step(raw, full_record=log_now)
-            train_time += time.perf_counter() - t0
+            progress.train_time += time.perf_counter() - t0
+            train_time = progress.train_time
             if record is None:
                 continue
             self.progress.step += 1
@@ -452,14 +529,31 @@ class Trainer:
                     )
                 else:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                self.evaluate("periodic", train_time=train_time)
+            if self._periodic_due(step, log_now) and step < tc.steps:
+                t1 = time.perf_counter()
+                result = self.evaluate("periodic", train_time=train_time)
+                progress.train_time += time.perf_counter() - t1  # the budget is wall time: evaluations count
+                if self._select(result):
+                    acc.print(
+                        f"early stopping at step {step}: no better validation NLL in {tc.patience} evaluations "
+                        f"(best {progress.best_nll:.4f} at step {progress.best_step})"
+                    )
+                    break
             if step % tc.save_every == 0:
                 self.save()
         bar.close()
         self._check_skipped()
-        self.save()
-        result = self.evaluate("final", train_time=train_time)
+        if self.selecting and self._last_eval_step != progress.step:
+            self._select(self.evaluate("periodic", train_time=progress.train_time))
+        self.save()  # the checkpoint keeps the running EMA (to train on) and the best one
+        if self.selecting:
+            self._restore_best()  # the inference file and the final evaluation use the best
+            if acc.is_main_process:
+                self._export()
+            acc.wait_for_everyone()
+        result = self.evaluate("final", train_time=progress.train_time)
+        if self.selecting:
+            result |= {"best_step": progress.best_step, "val_nll": progress.best_nll}
         if acc.is_main_process:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": self.progress.step, **result}, indent=2))
             if cfg.eval.plot and self.data.dim == 2:

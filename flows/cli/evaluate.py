@@ -41,6 +41,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here (default: eval_<split>.json next to the checkpoint)")
+    p.add_argument(
+        "--per-point",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="also write log p of every row, in input order, to FILE.npy (default: next to the JSON): anomaly scores",
+    )
     return p.parse_args(argv)
 
 
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
 
     def go() -> None:
+        import numpy as np
         import torch
         from accelerate import Accelerator
         from torch.utils.data import DataLoader, TensorDataset
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         lp, var, idx = torch.cat(lps), torch.cat(vars_), torch.cat(idx)
         if sorted(idx.tolist()) != list(range(len(raw))):
             raise FlowsError("internal error: the gathered points do not cover the data exactly once")
+        lp, var = lp[idx.argsort()], var[idx.argsort()]  # input order
         result = summarize(lp, var, opts.probes, dim, pre.levels)
         result |= {
             "nfe_per_solve": sum(nfe) / len(nfe),
@@ -130,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
             default = loaded.path.parent / f"eval_{'data' if args.data else args.split}.json"
             out = Path(args.json) if args.json else default
             out.parent.mkdir(parents=True, exist_ok=True)
+            if args.per_point is not None:
+                points = Path(args.per_point) if args.per_point else out.with_name(out.stem + "_points.npy")
+                np.save(points, lp.double().cpu().numpy())
+                lowest = lp.argsort()[:5].tolist()
+                print("lowest log p (row: nats): " + ", ".join(f"{i}: {lp[i].item():.3f}" for i in lowest))
+                print(f"wrote {points} (log p of each of the {len(lp):,} rows, input order)")
+                result["per_point"] = str(points)
             out.write_text(json.dumps(result, indent=2))
             print(f"wrote {out}")
         acc.end_training()

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flows.config import TOY_DATASETS, DataConfig
+from flows.config import SUITE_DATASETS, TOY_DATASETS, DataConfig
 from flows.data.images import load_idx_folder, load_torchvision
 from flows.data.preprocess import Preprocess, bits_per_dim
+from flows.data.suite import load_suite
 from flows.data.toy2d import sample_toy
 from flows.errors import DataError
 
@@ -25,6 +26,7 @@ class Data:
     train: Tensor  # raw values, (N, *shape): (N, D) vectors or (N, C, H, W) images
     test: Tensor
     preprocess: Preprocess
+    val: Tensor | None = None  # validation rows (model selection, early stopping), never trained on
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -53,21 +55,21 @@ def build_data(cfg: DataConfig) -> Data:
 
         values = torch.from_numpy(load_digits().data.astype(np.float32))  # (1797, 64), 0..16
         train, test = _split(values, cfg.test_fraction, cfg.seed)
+        train, val = _hold_out(train, cfg.val_fraction, cfg.seed)
         if cfg.image:
             pre = image_preprocess(17, cfg.logit_alpha)
-            return Data("digits", train.reshape(-1, 1, 8, 8), test.reshape(-1, 1, 8, 8), pre)
+            image = (-1, 1, 8, 8)
+            val = val.reshape(image) if val is not None else None
+            return Data("digits", train.reshape(image), test.reshape(image), pre, val)
         # dequantized values lie in [0, 1); one global shift/scale (some pixels are always 0)
         y = (train + 0.5) / 17
         pre = Preprocess(y.mean(), y.std(), levels=17)
-        return Data("digits", train, test, pre)
+        return Data("digits", train, test, pre, val)
     if cfg.name == "tabular":
-        values = load_array(cfg.path)
-        train, test = _split(values, cfg.test_fraction, cfg.seed)
-        std = train.std(0)
-        if (std == 0).any():
-            col = int((std == 0).nonzero()[0])
-            raise DataError(f"{cfg.path}: column {col} is constant in the training split; drop it.")
-        return Data("tabular", train, test, Preprocess(train.mean(0), std))
+        return build_tabular(cfg)
+    if cfg.name in SUITE_DATASETS:
+        train, val, test = (torch.from_numpy(a) for a in load_suite(cfg.name, cfg.root, cfg.allow_pickle))
+        return Data(cfg.name, train, test, Preprocess(train.mean(0), train.std(0)), val)
     if cfg.name in ("mnist", "cifar10"):
         train, test = load_torchvision(cfg.name, cfg.root, cfg.download)
         return Data(cfg.name, train, test, image_preprocess(256, cfg.logit_alpha))
@@ -78,6 +80,66 @@ def build_data(cfg: DataConfig) -> Data:
             raise DataError(f"'{cfg.path}' holds {len(images)} images: too few to split into train and test.")
         return Data("idx", images[:-n_test], images[-n_test:], image_preprocess(256, cfg.logit_alpha))
     raise DataError(f"unknown dataset {cfg.name!r}")
+
+
+def build_tabular(cfg: DataConfig) -> Data:
+    """An (N, D) table: the test rows from ``test_path`` or a seeded ``test_fraction``; validation rows from
+    ``val_path`` or ``val_fraction`` of the training rows; standardized on the training rows."""
+    values = load_array(cfg.path)
+    if cfg.test_path:
+        train, test = values, _same_columns(load_array(cfg.test_path), values, cfg.test_path, cfg.path)
+    else:
+        train, test = _split(values, cfg.test_fraction, cfg.seed)
+    if cfg.val_path:
+        val = _same_columns(load_array(cfg.val_path), values, cfg.val_path, cfg.path)
+    else:
+        train, val = _hold_out(train, cfg.val_fraction, cfg.seed + 1)
+    if cfg.dequantize:
+        train, val, test = _dequantize_integer_columns(train, val, test, cfg.seed)
+    std = train.std(0) if len(train) > 1 else torch.zeros(train.shape[1], device="cpu")
+    if (std == 0).any():
+        cols = (std == 0).nonzero().flatten().tolist()
+        raise DataError(
+            f"{cfg.path}: column(s) {cols[:10]} are constant in the training rows ({len(train)} rows): a density "
+            "cannot be fitted along a constant column. Drop them from the table."
+        )
+    return Data("tabular", train, test, Preprocess(train.mean(0), std), val)
+
+
+def _dequantize_integer_columns(
+    train: Tensor, val: Tensor | None, test: Tensor, seed: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Columns whose training values are all integers (counts, ratings, flags) get U[0, 1) noise, drawn once:
+    a density of the result bounds the probability of the discrete values, P(k) ≥ p(k + u) on average."""
+    columns = (train == train.round()).all(0)
+    gen = torch.Generator("cpu").manual_seed(seed + 2)
+
+    def noisy(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return x + torch.rand(x.shape, generator=gen, device="cpu") * columns
+
+    return noisy(train), noisy(val), noisy(test)
+
+
+def _same_columns(other: Tensor, reference: Tensor, path: str, reference_path: str | None) -> Tensor:
+    if other.shape[1] != reference.shape[1]:
+        raise DataError(
+            f"'{path}' has {other.shape[1]} columns but the training table '{reference_path}' has "
+            f"{reference.shape[1]}: the splits must have the same columns."
+        )
+    return other
+
+
+def _hold_out(train: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor | None]:
+    """(rows kept for training, validation rows) with a seeded permutation; no validation if fraction is 0."""
+    if fraction <= 0:
+        return train, None
+    n_val = max(1, round(len(train) * fraction))
+    if len(train) - n_val < 2:
+        raise DataError(f"only {len(train)} training rows: too few to hold out data.val_fraction={fraction}.")
+    perm = torch.randperm(len(train), generator=torch.Generator("cpu").manual_seed(seed), device="cpu")
+    return train[perm[n_val:]], train[perm[:n_val]]
 
 
 def _split(values: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
