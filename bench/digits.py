@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, setup_threads, table, train_run
+from common import ROOT, setup_threads, table, train_run, train_zuko_for
 
 from flows import checkpoint
 from flows.config import SolverConfig, load_config
@@ -100,17 +100,8 @@ def zuko_peer(minutes: float) -> list:
     data = build_data(cfg.data)
     torch.manual_seed(0)
     flow = zuko.flows.CNF(64, 0, hidden_features=[256] * 3, exact=False, atol=1e-4, rtol=1e-4)
-    opt = torch.optim.Adam(flow.parameters(), lr=cfg.train.lr)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 60 * minutes:
-        idx = torch.randint(0, len(data.train), (cfg.train.batch_size,))
-        loss = -flow().log_prob(data.preprocess(data.train[idx])).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    transform = flow.transform
-    transform.exact, transform.atol, transform.rtol = True, 1e-5, 1e-5
+    batch = lambda: data.preprocess(data.train[torch.randint(0, len(data.train), (cfg.train.batch_size,))])  # noqa: E731
+    steps = train_zuko_for(flow, batch, cfg.train.lr, minutes)
     pre = data.preprocess
     x = pre(data.test, noise=torch.rand(data.test.shape, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():

@@ -165,6 +165,7 @@ def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra:
 def worker_zuko(folder: Path, minutes: float) -> dict:
     import torch
     import zuko
+    from common import train_zuko_for
 
     from flows.data import Preprocess
 
@@ -174,19 +175,10 @@ def worker_zuko(folder: Path, minutes: float) -> dict:
     pre = Preprocess(train.mean(0), train.std(0))
     x_train = pre(train)
     flow = zuko.flows.CNF(train.shape[1], hidden_features=(128, 128, 128), exact=False)
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-    batch = min(256, len(train))
-    steps, start = 0, time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    while time.perf_counter() - start < 60 * minutes:
-        idx = torch.randint(0, len(x_train), (batch,), generator=gen)
-        loss = -flow().log_prob(x_train[idx]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    transform = flow.transform
-    transform.exact, transform.atol, transform.rtol = True, 1e-5, 1e-5
+    batch, gen, start = min(256, len(train)), torch.Generator().manual_seed(0), time.perf_counter()
+    steps = train_zuko_for(
+        flow, lambda: x_train[torch.randint(0, len(x_train), (batch,), generator=gen)], 1e-3, minutes
+    )
     with torch.no_grad():
         lp = torch.cat([flow().log_prob(pre(p)).double() + pre.log_det(pre(p)) for p in test.split(1000)])
     return {"steps": steps, "lp": lp.numpy().tolist(), "wall": time.perf_counter() - start}
