@@ -1,4 +1,4 @@
-"""Bits/dim on the real MNIST test split in ../shared/data/mnist-t10k (9,000 train / 1,000 test).
+"""Bits/dim on the real MNIST test split, an IDX folder (--data; 9,000 train / 1,000 test).
 
     python bench/mnist_t10k.py --minutes 30                 # the protocol: 30 min of CPU per method
     python bench/mnist_t10k.py --minutes 10 --only flows-fm,flow_matching
@@ -26,9 +26,8 @@ from flows.config import SolverConfig
 from flows.report import image_grid
 from flows.sampling import sample
 
-DATA = ROOT.parent / "shared/data/mnist-t10k"
+DATA = ROOT.parent / "shared/data/mnist-t10k"  # an optional location; --data FOLDER otherwise
 SMALL = (
-    f"data.path={DATA}",
     "model.channels=16",
     "model.channel_mult=[1,2,2]",
     "model.num_res_blocks=1",
@@ -55,9 +54,11 @@ def main() -> None:
     p.add_argument("--only", default="flows-fm,flows-mle,flow_matching")
     p.add_argument("--steps-per-minute", type=float, default=230, help="sets train.steps for the budget")
     p.add_argument("--out", default=str(ROOT / "bench/out/mnist_t10k"))
+    p.add_argument("--data", default=str(DATA), help="a folder of MNIST t10k IDX files")
     args = p.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA} not found: this benchmark needs the shared MNIST test split")
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"{args.data} not found: pass --data FOLDER holding t10k-images-idx3-ubyte[.gz]")
+    small = (f"data.path={args.data}", *SMALL)
     setup_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,14 +67,14 @@ def main() -> None:
     rows = []
     for name in args.only.split(","):
         if name == "flows-fm":
-            rows.append(ours("configs/mnist_fm.yaml", args.minutes, out, (*SMALL, *FM, *budget), probes=1))
+            rows.append(ours("configs/mnist_fm.yaml", args.minutes, out, (*small, *FM, *budget), probes=1))
             image_grid(out / "mnist_fm")
         elif name == "flows-mle":
-            rows.append(ours("configs/mnist_mle.yaml", args.minutes, out, (*SMALL, *MLE, *budget), probes=1))
+            rows.append(ours("configs/mnist_mle.yaml", args.minutes, out, (*small, *MLE, *budget), probes=1))
             image_grid(out / "mnist_mle")
         elif name == "flow_matching":
             try:
-                row, field = flow_matching_peer(args.minutes, "configs/mnist_fm.yaml", (*SMALL, *FM), probes=1)
+                row, field = flow_matching_peer(args.minutes, "configs/mnist_fm.yaml", (*small, *FM), probes=1)
             except ImportError as e:
                 rows.append([name, f"not installed ({e.name})", "", "", ""])
                 continue

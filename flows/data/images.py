@@ -1,7 +1,7 @@
 """Image datasets as uint8 tensors (N, C, H, W): torchvision's MNIST and CIFAR-10, and IDX files.
 
 MNIST and CIFAR-10 go through torchvision (its real download code, off by default: our machines
-have no internet); an IDX folder (e.g. the MNIST test split in ``shared/data/mnist-t10k``) is read
+have no internet); an IDX folder (e.g. the MNIST test split, as torchvision's ``raw/`` folder holds it) is read
 directly, gzip or not.
 """
 
