@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         lp, var, idx = torch.cat(lps), torch.cat(vars_), torch.cat(idx)
         if sorted(idx.tolist()) != list(range(len(raw))):
             raise FlowsError("internal error: the gathered points do not cover the data exactly once")
-        lp, var = lp[idx.argsort()], var[idx.argsort()]  # input order
+        order = idx.argsort()
+        lp, var = lp[order], var[order]  # input order
         result = summarize(lp, var, opts.probes, dim, pre.levels)
         result |= {
             "nfe_per_solve": sum(nfe) / len(nfe),
