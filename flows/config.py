@@ -20,6 +20,8 @@ from flows.errors import ConfigError
 
 __all__ = [
     "DATASETS",
+    "SOLVER_METHODS",
+    "check_method",
     "IMAGE_DATASETS",
     "Config",
     "DataConfig",
@@ -48,6 +50,11 @@ TOY_DATASETS = (
 IMAGE_DATASETS = ("mnist", "cifar10", "idx")
 SUITE_DATASETS = ("power", "gas", "hepmass", "miniboone", "bsds300")  # MAF / FFJORD / OT-Flow tables
 DATASETS = (*TOY_DATASETS, "digits", "tabular", *SUITE_DATASETS, *IMAGE_DATASETS)
+# torchdiffeq's methods (tests/test_config_data.py checks this list against torchdiffeq's own);
+# scipy_solver is left out: it needs options of its own that our solver settings do not carry
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+SOLVER_METHODS = (*ADAPTIVE_METHODS, *FIXED_STEP_METHODS)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class ModelConfig:
 
 @dataclass
 class SolverConfig:
-    method: str = "dopri5"  # any torchdiffeq method
+    method: str = "dopri5"  # a torchdiffeq method: adaptive (dopri5, ...) or fixed-step (rk4, euler, ...)
     atol: float = 1e-5
     rtol: float = 1e-5
     step_size: float | None = None  # fixed-step methods (euler, rk4, midpoint)
@@ -186,6 +193,7 @@ class Config:
             ),
         ]
         for prefix, s in (("solver", self.solver), ("eval.solver", self.eval.solver)):
+            check_method(s.method, f"{prefix}.method")
             checks += [
                 (s.atol > 0 and s.rtol > 0, f"{prefix}.atol and {prefix}.rtol must be > 0"),
                 (s.step_size is None or s.step_size > 0, f"{prefix}.step_size must be > 0"),
@@ -207,6 +215,13 @@ class Config:
         if self.data.name == "tabular" and not self.data.path:
             raise ConfigError("data.name=tabular needs data.path=FILE.npy (or .npz).")
         return self
+
+
+def check_method(method: str, key: str = "solver.method") -> str:
+    """``method`` if torchdiffeq has it, else a ConfigError naming the valid methods."""
+    if method not in SOLVER_METHODS:
+        _unknown(key, method, SOLVER_METHODS)
+    return method
 
 
 def _unknown(key: str, value: str, valid: typing.Iterable[str]) -> typing.NoReturn:

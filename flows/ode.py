@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flows.config import SolverConfig
+from flows.config import FIXED_STEP_METHODS, SolverConfig
 from flows.divergence import divergence_exact, divergence_hutchinson, draw_probe
 from flows.errors import SolverError
 
 __all__ = ["NFE", "Solution", "solve", "solve_path"]
 
-FIXED_STEP = {"euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "heun3"}
+FIXED_STEP = frozenset(FIXED_STEP_METHODS)
 
 
 @dataclass

@@ -125,3 +125,14 @@ def test_batches_split_over_processes_and_resume_from_any_step():
 def test_unquoted_no_is_the_option_no_not_false():
     """YAML 1.1 reads `no` as false; `train.mixed_precision=no` must still mean 'no'."""
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_solver_methods_are_torchdiffeqs():
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    from flows.config import FIXED_STEP_METHODS, SOLVER_METHODS
+
+    assert set(SOLVER_METHODS) == set(SOLVERS) - {"scipy_solver"}
+    fixed = {name for name, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver)}
+    assert set(FIXED_STEP_METHODS) == fixed  # these take a step size, the others tolerances

@@ -179,6 +179,13 @@ def bad_files(tmp_path):
         (evaluate_main, ["{run}/checkpoints"], "no checkpoint"),
         (sample_main, ["{run}", "-n", "0"], "must be positive"),
         (sample_main, ["{run}", "--encode", "--data", "{tmp}/three.npy"], "of shape (2,)"),
+        (train_main, ["solver.method=dopri55", "run_dir={tmp}/new"], "Did you mean 'dopri5'"),
+        (train_main, ["eval.solver.method=rk5", "run_dir={tmp}/new"], "eval.solver.method: unknown value 'rk5'"),
+        (train_main, ["--resume", "{run}", "solver.method=bogus"], "Valid: dopri5"),
+        (evaluate_main, ["{run}", "--method", "dopri55"], "invalid choice: 'dopri55'"),
+        (evaluate_main, ["{run}", "--trace", "hutchinsn"], "invalid choice: 'hutchinsn'"),
+        (sample_main, ["{run}", "--method", "rk5"], "invalid choice: 'rk5'"),
+        (sample_main, ["{run}", "--weights", "best"], "invalid choice: 'best'"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, finished_run, capsys, main, args, message):
@@ -189,3 +196,4 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, finished_run, 
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+    assert not (tmp_path / "new").exists()  # no run directory left behind

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from flows.cli import run_cli
+from flows.config import SOLVER_METHODS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point")
     p.add_argument("--deq-samples", type=int, default=1, help="dequantization samples per point (discrete data)")
-    p.add_argument("--method", default="dopri5")
+    p.add_argument("--method", default="dopri5", choices=SOLVER_METHODS, help="torchdiffeq method")
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=1000, help="points per solve (bounds memory)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from flows.cli import run_cli
+from flows.config import FIXED_STEP_METHODS, SOLVER_METHODS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,7 +21,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
     p.add_argument("--out", help="output directory (default: <run>/samples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", help="torchdiffeq method (default: the run's evaluation solver, dopri5)")
+    p.add_argument(
+        "--method", choices=SOLVER_METHODS, help="torchdiffeq method (default: the run's evaluation solver, dopri5)"
+    )
     p.add_argument("--atol", type=float)
     p.add_argument("--rtol", type=float)
     p.add_argument("--steps", type=int, help="fixed-step methods (euler, midpoint, rk4): number of steps")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         changes = {k: v for k, v in (("method", args.method), ("atol", args.atol), ("rtol", args.rtol)) if v}
         if args.steps:
             changes["step_size"] = 1.0 / args.steps
-            changes.setdefault("method", "rk4" if solver.method not in ("euler", "midpoint", "rk4") else solver.method)
+            changes.setdefault("method", solver.method if solver.method in FIXED_STEP_METHODS else "rk4")
         solver = dataclasses.replace(solver, **changes, adjoint=False)
         out = Path(args.out) if args.out else loaded.path.parent / ("codes" if args.encode else "samples")
         pre, shape = loaded.preprocess, loaded.shape
