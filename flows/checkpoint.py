@@ -1,7 +1,13 @@
-"""The slim inference file: safetensors weights (EMA and raw) + preprocessing + the config.
+"""How a run is saved: the slim inference file and the training checkpoints.
 
-Loading never unpickles: a pickle/zip file (``torch.save``) is refused before anything in it is
-read, and a truncated or foreign file gives a clear error. Writes are atomic (temp + rename).
+``run_dir/model.safetensors`` (``export`` / ``load``): safetensors weights (EMA and raw) +
+preprocessing + the config. Loading never unpickles: a pickle/zip file (``torch.save``) is refused
+before anything in it is read, and a truncated or foreign file gives a clear error.
+
+``run_dir/checkpoints/step_N`` (``save_training`` / ``load_training``): Accelerate's state (model,
+optimizer, scheduler, RNG of every process) plus the EMA and the best weights in safetensors and the
+step counters in JSON. Written to a temporary directory and renamed, so a kill mid-save keeps the
+previous one. Every write here is atomic (temp + rename).
 """
 
 from __future__ import annotations
@@ -9,21 +15,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flows.config import Config, from_dict, to_dict
 from flows.data.preprocess import Preprocess
 from flows.errors import CheckpointError, ConfigError
+from flows.model import Flow
 from flows.nn import build_field
 
-__all__ = ["FORMAT", "MODEL_FILE", "export", "load", "Loaded", "resolve"]
+__all__ = [
+    "FORMAT",
+    "MODEL_FILE",
+    "export",
+    "load",
+    "resolve",
+    "latest_checkpoint",
+    "save_training",
+    "load_training",
+    "trim_metrics",
+]
 
 FORMAT = "flows/1"
 MODEL_FILE = "model.safetensors"
@@ -58,30 +76,6 @@ def export(
     return path
 
 
-@dataclass
-class Loaded:
-    field: nn.Module
-    preprocess: Preprocess
-    config: Config
-    shape: tuple[int, ...]  # of one sample: (D,) or (C, H, W)
-    step: int
-    path: Path
-
-    @property
-    def dim(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.field.parameters()).device
-
-    def to(self, device: torch.device | str) -> Loaded:
-        """Move the field and the preprocessing constants to ``device`` (in place); returns self."""
-        self.field.to(device)
-        self.preprocess = self.preprocess.to(device)
-        return self
-
-
 def resolve(path: str | Path) -> Path:
     """A run directory or a file → the inference file's path."""
     path = Path(path)
@@ -108,11 +102,13 @@ def _check_header(path: Path) -> None:
     raise CheckpointError(f"'{path}' is truncated or not a safetensors file ({size} bytes).")
 
 
-def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> Loaded:
-    """Rebuild the field from a run directory or inference file. weights: 'ema' or 'model'.
+def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> Flow:
+    """Rebuild the flow from a run directory or inference file. weights: 'ema' or 'model'.
 
-    Tensors are read onto ``map_location`` (the CPU); ``Loaded.to(device)`` moves the field and the
+    Tensors are read onto ``map_location`` (the CPU); ``Flow.to(device)`` moves the field and the
     preprocessing on."""
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"weights must be 'ema' or 'model' (got {weights!r})")
     path = resolve(path)
     _check_header(path)
     try:
@@ -140,4 +136,86 @@ def load(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> L
     except (RuntimeError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{path}' does not match its model config: {e}") from None
     pre = Preprocess(tensors["preprocess.shift"], tensors["preprocess.scale"], levels or None, alpha)
-    return Loaded(field.eval().requires_grad_(False), pre, cfg, shape, step, path)
+    return Flow(field.eval().requires_grad_(False), pre, cfg, shape, step, path)
+
+
+# ---------------------------------------------------------------------- training checkpoints
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def save_training(
+    acc: Accelerator,
+    run_dir: Path,
+    step: int,
+    ema: nn.Module,
+    progress: dict,
+    best: dict[str, torch.Tensor] | None,
+    keep: int,
+) -> Path:
+    """Write ``run_dir/checkpoints/step_N`` (a collective: every process calls it) and keep the last ``keep``."""
+    final = run_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(f".tmp_{final.name}")
+    acc.wait_for_everyone()
+    if acc.is_main_process:  # leftovers of a save that was killed half-way
+        for stale in [*final.parent.glob(".tmp_step_*"), *run_dir.glob(f".{MODEL_FILE}.tmp*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    # save_state ends without a barrier: every rank must have written its files (RNG state) into tmp
+    # before the main process renames it, or a rank writes into a directory that no longer exists
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        if best is not None:
+            _save_tensors(best, tmp / "best.safetensors")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(final.parent.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training(acc: Accelerator, ckpt: Path, ema: nn.Module) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore Accelerate's state and the EMA from ``ckpt``; returns (progress counters, best weights or None).
+
+    torch.load runs with weights_only=True (Accelerate's default), so a tampered file is refused
+    without running code; every failure is one CheckpointError that says what to do.
+    """
+    try:
+        acc.load_state(str(ckpt))
+        ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        progress = json.loads((ckpt / "progress.json").read_text())
+        best_file = ckpt / "best.safetensors"
+        best = load_file(str(best_file), device=str(acc.device)) if best_file.exists() else None
+    except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
+        kind = "refused: it holds pickled code or objects" if "weights_only" in str(e) else "unreadable"
+        raise CheckpointError(
+            f"cannot resume from '{ckpt}': the checkpoint is {kind}, or does not match the config "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Nothing was changed. If overrides changed "
+            "the model, drop them; otherwise delete this checkpoint directory to fall back to the previous one."
+        ) from None
+    return progress, best
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint (a killed run repeats those steps), and a torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from flows.config import SolverConfig
 from flows.ode import solve
 
-__all__ = ["SampleResult", "sample", "encode", "transport_summary"]
+__all__ = ["SampleResult", "sample", "encode", "decode", "transport_summary"]
 
 
 @dataclass
@@ -66,6 +66,13 @@ def encode(
 ) -> SampleResult:
     """Data (model space, t=1) → base points (t=0); ``result.x`` holds the codes."""
     return _flow(field, x, 1.0, 0.0, solver, chunk, progress)
+
+
+def decode(
+    field: nn.Module, z: Tensor, solver: SolverConfig, chunk: int = 10_000, progress: bool = False
+) -> SampleResult:
+    """Base points (t=0) → model space (t=1); ``result.x`` holds the data points."""
+    return _flow(field, z, 0.0, 1.0, solver, chunk, progress)
 
 
 def transport_summary(res: SampleResult) -> dict[str, float]:

@@ -1,10 +1,9 @@
 """The Accelerate training loop: one process, several CPU processes, or many GPUs, unchanged.
 
 Objective modules (``forward(x) -> (loss, stats)``) go through ``accelerator.prepare``; the EMA
-copy of the field stays outside DDP. Checkpoints: ``run_dir/checkpoints/step_N`` (Accelerate
-state: model, optimizer, scheduler, RNG of every process; plus our EMA in safetensors and the
-step counters in JSON), written to a temporary directory and renamed, so a kill mid-save keeps
-the previous one; ``run_dir/model.safetensors`` is the slim inference file.
+copy of the field stays outside DDP. How a run is saved (``run_dir/checkpoints/step_N`` and
+``run_dir/model.safetensors``) lives in ``flows.checkpoint``; how a likelihood is computed and
+gathered over processes in ``flows.evaluation``.
 
 Devices: the field, its EMA copy, the preprocessing constants and (when it fits) the training data
 live on ``accelerator.device`` from the start. Between logging steps a step makes no host
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,23 +25,24 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from flows import checkpoint
 from flows.config import Config, to_dict
-from flows.data import Data, bits_per_dim, build_data
+from flows.data import build_data
 from flows.data.batches import Batches
 from flows.errors import CheckpointError, SolverError, TrainingAborted
-from flows.likelihood import auto_trace, log_prob
+from flows.evaluation import gathered_log_prob, summarize
+from flows.likelihood import auto_trace
+from flows.model import Flow
 from flows.nn import build_field
 from flows.objectives import build_objective
 
-__all__ = ["train", "evaluate_nll", "latest_checkpoint"]
+__all__ = ["train", "Trainer", "lr_lambda"]
 
 
 def ema_weight(decay: float, n: int) -> float:
@@ -77,42 +76,12 @@ class Progress:
     stale_evals: int = 0  # validation evaluations since the best one
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    return ckpts[-1] if ckpts else None
-
-
-@torch.no_grad()
-def evaluate_nll(
-    accelerator: Accelerator, field: nn.Module, loader: DataLoader, data: Data, cfg: Config
-) -> dict[str, Any]:
-    """Held-out NLL (reporting space), split over processes and gathered without padding."""
-    start, trace, pre = time.perf_counter(), auto_trace(cfg.eval.trace, data.dim, cfg.model.name), data.preprocess
-    values, nfe = [], []
-    for (raw,) in loader:
-        x = pre(raw)
-        res = log_prob(field, x, cfg.eval.solver, trace)
-        values.append(accelerator.gather_for_metrics(res.log_prob.double() + pre.log_det(x)))
-        nfe.append(res.nfe.forward)
-    lp = torch.cat(values).double()
-    nll = -lp.mean().item()
-    out = {
-        "nll": nll,
-        "nll_se": (lp.std() / math.sqrt(len(lp))).item(),
-        "n": len(lp),
-        "nfe": sum(nfe) / len(nfe),
-        "trace": trace,
-        "solver": f"{cfg.eval.solver.method} atol={cfg.eval.solver.atol:g} rtol={cfg.eval.solver.rtol:g}",
-        "seconds": time.perf_counter() - start,
-    }
-    if pre.levels is not None:
-        out["bpd"] = bits_per_dim(nll, data.dim, pre.levels)
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        # Accelerate keeps one process-wide state: a second run in this process (flows.train in a notebook)
+        # may ask for other settings (mixed precision, trackers); the process group itself is kept
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = acc = Accelerator(
             dataloader_config=DataLoaderConfiguration(split_batches=True),  # evaluation loaders; training: Batches
             step_scheduler_with_optimizer=False,
@@ -164,10 +133,7 @@ class Trainer:
         test, val = self.data.test, self.data.val
         self.selecting = val is not None  # keep the best EMA weights by validation NLL
         periodic = val if val is not None else test
-        self.eval_loaders = {
-            name: acc.prepare_data_loader(DataLoader(TensorDataset(x), batch_size=cfg.eval.batch_size))
-            for name, x in (("periodic", periodic[: cfg.eval.periodic_size]), ("final", test))
-        }
+        self.eval_points = {"periodic": periodic[: cfg.eval.periodic_size], "final": test}
         self._best: dict[str, Tensor] | None = None
         self._last_eval_step, self._evals_by_time = -1, 0
         self.progress = Progress()
@@ -208,76 +174,38 @@ class Trainer:
         self.accelerator.print(f"initialized from {loaded.path} (step {loaded.step}, {loaded.config.objective.name})")
 
     def _check_fresh(self) -> None:
-        if latest_checkpoint(self.run_dir) or (self.run_dir / checkpoint.MODEL_FILE).exists():
+        if checkpoint.latest_checkpoint(self.run_dir) or (self.run_dir / checkpoint.MODEL_FILE).exists():
             raise TrainingAborted(
                 f"run directory '{self.run_dir}' already holds a run. Continue it with --resume "
                 f"{self.run_dir}, or choose another directory with run_dir=... (nothing was changed)."
             )
 
     def _resume_dir(self) -> Path:
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = checkpoint.latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise TrainingAborted(f"--resume: no checkpoint in '{self.run_dir}/checkpoints'.")
         return ckpt
 
     def _load(self, ckpt: Path) -> None:
-        """Restore everything; torch.load runs with weights_only=True (Accelerate's default), so a
-        tampered file is refused without running code."""
-        try:
-            self.accelerator.load_state(str(ckpt))
-            self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-            self._ema_count = int(self.ema.n_averaged)
-            self.progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
-            if (ckpt / "best.safetensors").exists():
-                self._best = load_file(str(ckpt / "best.safetensors"), device=str(self.accelerator.device))
-        except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
-            kind = "refused: it holds pickled code or objects" if "weights_only" in str(e) else "unreadable"
-            raise CheckpointError(
-                f"cannot resume from '{ckpt}': the checkpoint is {kind}, or does not match the config "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Nothing was changed. If overrides changed "
-                "the model, drop them; otherwise delete this checkpoint directory to fall back to the previous one."
-            ) from None
-        self._trim_metrics(self.progress.step)
+        progress, self._best = checkpoint.load_training(self.accelerator, ckpt, self.ema)
+        self._ema_count = int(self.ema.n_averaged)
+        self.progress = Progress(**progress)
+        if self.accelerator.is_main_process:
+            checkpoint.trim_metrics(self.metrics_path, self.progress.step)
         self.accelerator.print(f"resumed from {ckpt} at step {self.progress.step}")
 
-    def _trim_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint (a killed run repeats those steps), and a torn last line."""
-        if not self.accelerator.is_main_process or not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.metrics_path)
-
     def save(self) -> None:
-        acc, step = self.accelerator, self.progress.step
-        final = self.run_dir / "checkpoints" / f"step_{step:08d}"
-        tmp = final.with_name(f".tmp_{final.name}")
-        acc.wait_for_everyone()
-        if acc.is_main_process:  # leftovers of a save that was killed half-way
-            for stale in [*final.parent.glob(".tmp_step_*"), *self.run_dir.glob(f".{checkpoint.MODEL_FILE}.tmp*")]:
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        # save_state ends without a barrier: every rank must have written its files (RNG state) into tmp
-        # before the main process renames it, or a rank writes into a directory that no longer exists
-        acc.wait_for_everyone()
+        acc = self.accelerator
+        checkpoint.save_training(
+            acc,
+            self.run_dir,
+            self.progress.step,
+            self.ema,
+            vars(self.progress),
+            self._best,
+            self.cfg.train.keep_checkpoints,
+        )
         if acc.is_main_process:
-            save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-            (tmp / "progress.json").write_text(json.dumps(vars(self.progress)))
-            if self._best is not None:
-                save_file({k: v.contiguous() for k, v in self._best.items()}, str(tmp / "best.safetensors"))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in sorted(final.parent.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
             self._export()
         acc.wait_for_everyone()
 
@@ -293,7 +221,19 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
 
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
-        result = evaluate_nll(self.accelerator, self.ema.module, self.eval_loaders[which], self.data, self.cfg)
+        """Held-out NLL of the EMA weights (reporting space), split over processes: flows.evaluation's path."""
+        cfg, data = self.cfg, self.data
+        flow = Flow(self.ema.module, data.preprocess, cfg, data.shape, self.progress.step)
+        points = self.eval_points[which]
+        lp, var, info = gathered_log_prob(self.accelerator, flow, points, cfg.eval.batch_size, trace=cfg.eval.trace)
+        result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
+        solver = cfg.eval.solver
+        result |= {
+            "nfe": info["nfe"],
+            "trace": auto_trace(cfg.eval.trace, data.dim, cfg.model.name),
+            "solver": f"{solver.method} atol={solver.atol:g} rtol={solver.rtol:g}",
+            "seconds": info["seconds"],
+        }
         if which == "periodic":
             self._last_eval_step = self.progress.step
             self._evals_by_time = self._marks_passed()

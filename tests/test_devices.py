@@ -34,7 +34,7 @@ from flows.nn import TimeMLP
 from flows.ode import solve
 from flows.paths import sample_time
 from flows.sampling import encode, sample
-from flows.training import Trainer, evaluate_nll, train
+from flows.training import Trainer, train
 
 META = torch.device("meta")
 FACTORIES = {
@@ -154,9 +154,7 @@ def test_training_steps_and_evaluation_create_nothing_off_device(tmp_path):
         with trap():
             for i in range(4):  # logging and non-logging steps
                 assert trainer.step(next(batches), full_record=i % 2 == 0) is not None
-            # a list of batches: Accelerate's own loader is not under test here
-            loader = [(b,) for b in trainer.data.test.split(8)]
-            out = evaluate_nll(trainer.accelerator, trainer.ema.module, loader, trainer.data, trainer.cfg)
+            out = trainer.evaluate("final")
         assert np.isfinite(out["nll"])
 
 

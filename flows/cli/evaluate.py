@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 from flows.cli import run_cli
@@ -32,13 +30,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point")
     p.add_argument("--deq-samples", type=int, default=1, help="dequantization samples per point (discrete data)")
-    p.add_argument("--method", default="dopri5", choices=SOLVER_METHODS, help="torchdiffeq method")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument(
+        "--method", choices=SOLVER_METHODS, help="torchdiffeq method (default: the run's eval.solver, dopri5)"
+    )
+    p.add_argument("--atol", type=float, help="default: the run's eval.solver.atol (1e-5)")
+    p.add_argument("--rtol", type=float, help="default: the run's eval.solver.rtol (1e-5)")
     p.add_argument("--batch-size", type=int, default=1000, help="points per solve (bounds memory)")
     p.add_argument("--limit", type=int, help="evaluate only the first N points")
     p.add_argument(
-        "--check", type=int, default=200, help="points re-solved at 100x tighter tolerances (0 disables the self-check)"
+        "--check",
+        type=int,
+        default=200,
+        help="points re-solved at 100x tighter tolerances, or with dopri5 at 1e-7 after a fixed-step "
+        "solve (0 disables the self-check)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here (default: eval_<split>.json next to the checkpoint)")
@@ -59,86 +63,60 @@ def main(argv: list[str] | None = None) -> None:
         import numpy as np
         import torch
         from accelerate import Accelerator
-        from torch.utils.data import DataLoader, TensorDataset
-        from tqdm.auto import tqdm
 
-        from flows import checkpoint
-        from flows.config import SolverConfig
+        from flows.api import load
         from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
-        from flows.evaluation import EvalOptions, point_log_likelihood, summarize, tolerance_check
-        from flows.likelihood import auto_trace
+        from flows.evaluation import gathered_log_prob, summarize, tolerance_check
 
         for name in ("probes", "deq_samples", "batch_size"):
             if getattr(args, name) <= 0:
                 raise FlowsError(f"--{name.replace('_', '-')} must be positive")
-        if args.atol <= 0 or args.rtol <= 0:
+        if (args.atol is not None and args.atol <= 0) or (args.rtol is not None and args.rtol <= 0):
             raise FlowsError("--atol and --rtol must be positive")
         acc = Accelerator()
-        loaded = checkpoint.load(args.checkpoint, args.weights).to(acc.device)
-        pre, dim, shape = loaded.preprocess, loaded.dim, loaded.shape
+        model = load(args.checkpoint, args.weights, acc.device)
         if args.data:
             raw = load_array(args.data, ndim=None)
             source = args.data
         else:
-            data = build_data(loaded.config.data)
+            data = build_data(model.config.data)
             raw = data.test if args.split == "test" else data.train
-            source = f"{loaded.config.data.name}:{args.split}"
-        check_shape(raw, shape, args.data or source)
+            source = f"{model.config.data.name}:{args.split}"
+        check_shape(raw, model.shape, args.data or source)
         if args.limit:
             raw = raw[: args.limit]
-        trace = auto_trace(args.trace, dim, loaded.config.model.name)
-        solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, adjoint=False)
-        opts = EvalOptions(
-            solver,
-            trace,
-            args.probes if trace == "hutchinson" else 1,
-            "rademacher",
-            args.deq_samples if pre.levels is not None else 1,
-        )
-        index = torch.arange(len(raw), device="cpu")
-        # the prepared loader splits the points over processes and puts each batch on acc.device
-        loader = acc.prepare_data_loader(DataLoader(TensorDataset(raw, index), batch_size=args.batch_size))
         gen = torch.Generator(acc.device).manual_seed(args.seed + acc.process_index)
-        lps, vars_, idx, nfe = [], [], [], []
-        start = time.perf_counter()
-        for xb, ib in tqdm(loader, desc="evaluate", disable=not acc.is_local_main_process):
-            lp, var, n = point_log_likelihood(loaded.field, xb, pre, opts, gen)
-            lps.append(acc.gather_for_metrics(lp))
-            vars_.append(acc.gather_for_metrics(var))
-            idx.append(acc.gather_for_metrics(ib))
-            nfe.append(n)
-        seconds = time.perf_counter() - start
-        lp, var, idx = torch.cat(lps), torch.cat(vars_), torch.cat(idx)
-        if sorted(idx.tolist()) != list(range(len(raw))):
-            raise FlowsError("internal error: the gathered points do not cover the data exactly once")
-        order = idx.argsort()
-        lp, var = lp[order], var[order]  # input order
-        result = summarize(lp, var, opts.probes, dim, pre.levels)
+        options = dict(trace=args.trace, probes=args.probes, deq_samples=args.deq_samples)
+        options |= dict(method=args.method, atol=args.atol, rtol=args.rtol)
+        # the same code path as model.log_prob(raw, generator=..., batch_size=...), split over processes
+        lp, var, info = gathered_log_prob(acc, model, raw, args.batch_size, gen, progress=True, **options)
+        result = summarize(lp, var, info["probes"], model.dim, model.levels)
         result |= {
-            "nfe_per_solve": sum(nfe) / len(nfe),
-            "seconds": seconds,
-            "points_per_second": len(raw) / seconds,
+            "nfe_per_solve": info["nfe"],
+            "seconds": info["seconds"],
+            "points_per_second": len(raw) / info["seconds"],
             "processes": acc.num_processes,
             "device": str(acc.device),
             "data": source,
-            "checkpoint": str(loaded.path),
-            "step": loaded.step,
+            "checkpoint": str(model.path),
+            "step": model.step,
             "weights": args.weights,
-            "trace": trace,
-            "probes": opts.probes,
-            "deq_samples": opts.deq_samples,
-            "solver": dataclasses.asdict(solver),
+            "trace": info["trace"],
+            "probes": info["probes"],
+            "deq_samples": info["deq_samples"],
+            "solver": info["solver"],
         }
         if args.check and acc.is_main_process:
             gen = torch.Generator("cpu").manual_seed(args.seed)
             pick = torch.randperm(len(raw), generator=gen, device="cpu")[: args.check]
-            check = tolerance_check(loaded.field, raw[pick].to(acc.device), pre, opts, 100.0, args.seed)
+            opts = model.eval_options(**options)
+            check = tolerance_check(model.field, raw[pick].to(acc.device), model.preprocess, opts, 100.0, args.seed)
             check["warning"] = bool(check["max_abs_change"] > result["nll_se"])
             result["tolerance_check"] = check
         if acc.is_main_process:
             report(result)
-            default = loaded.path.parent / f"eval_{'data' if args.data else args.split}.json"
+            default = model.path.parent / f"eval_{'data' if args.data else args.split}.json"
             out = Path(args.json) if args.json else default
             out.parent.mkdir(parents=True, exist_ok=True)
             if args.per_point is not None:
@@ -181,7 +159,7 @@ def report(r: dict) -> None:
         rows.append(
             (
                 "tolerance check",
-                f"{c['n']} points at atol={c['atol']:g}: largest |Δ log p| "
+                f"{c['n']} points, {c['method']} at atol={c['atol']:g}: largest |Δ log p| "
                 f"{c['max_abs_change']:.2e}, change of the mean {c['mean_change']:+.2e}",
             )
         )

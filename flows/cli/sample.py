@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
 from pathlib import Path
 
 from flows.cli import run_cli
-from flows.config import FIXED_STEP_METHODS, SOLVER_METHODS
+from flows.config import SOLVER_METHODS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,80 +44,68 @@ def main(argv: list[str] | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import gather_object
 
-        from flows import checkpoint
+        from flows.api import load
         from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
-        from flows.sampling import encode, sample, transport_summary
 
         if args.n <= 0 or args.chunk <= 0:
             raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
-        if args.steps is not None and args.steps <= 0:
-            raise FlowsError("--steps must be positive")
         acc = Accelerator()
-        loaded = checkpoint.load(args.checkpoint, args.weights).to(acc.device)
-        solver = loaded.config.eval.solver
-        changes = {k: v for k, v in (("method", args.method), ("atol", args.atol), ("rtol", args.rtol)) if v}
-        if args.steps:
-            changes["step_size"] = 1.0 / args.steps
-            changes.setdefault("method", solver.method if solver.method in FIXED_STEP_METHODS else "rk4")
-        solver = dataclasses.replace(solver, **changes, adjoint=False)
-        out = Path(args.out) if args.out else loaded.path.parent / ("codes" if args.encode else "samples")
-        pre, shape = loaded.preprocess, loaded.shape
-        start = time.perf_counter()
+        model = load(args.checkpoint, args.weights, acc.device)
+        solver = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps, chunk=args.chunk)
+        model.solver(args.method, args.atol, args.rtol, args.steps)  # bad values: an error before any work
+        out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         if args.encode:
-            raw = load_array(args.data, ndim=None) if args.data else build_data(loaded.config.data).test
-            check_shape(raw, shape, args.data or "test split")
-            raw = raw[: args.n]
-            mine = raw[acc.process_index :: acc.num_processes].to(acc.device)
-            res = encode(
-                loaded.field,
-                pre(mine, dequantize=pre.levels is not None),
-                solver,
-                args.chunk,
-                acc.is_local_main_process,
-            )
+            raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
+            check_shape(raw, model.shape, args.data or "test split")
+            mine = raw[: args.n][acc.process_index :: acc.num_processes]
+            x, info = model.encode(mine, return_info=True, progress=acc.is_local_main_process, **solver)
+            start = mine
         else:
             share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
             gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
-            res = sample(loaded.field, share, shape, solver, args.chunk, gen, acc.is_local_main_process)
-        seconds = time.perf_counter() - start
-        parts = gather_object([(res.x.cpu(), res.z.cpu(), res.kinetic.cpu(), res.nfe)])
+            x, info = model.sample(share, generator=gen, return_info=True, progress=acc.is_local_main_process, **solver)
+            start = info["noise"]
+        mean_straightness = info["straightness"] * len(x)
+        parts = gather_object(
+            [(x.cpu(), start.cpu(), info["kinetic"].cpu(), info["nfe"], info["seconds"], mean_straightness)]
+        )
         if not acc.is_main_process:
             return
-        x, z, kinetic = (torch.cat([p[i] for p in parts]) for i in range(3))
-        res = type(res)(x, z, sum(p[3] for p in parts), kinetic)
+        x, start, kinetic = (torch.cat([p[i] for p in parts]) for i in range(3))
         out.mkdir(parents=True, exist_ok=True)
-        info = {
+        summary = {
             "mode": "encode" if args.encode else "sample",
             "n": len(x),
-            "nfe": res.nfe,
-            "seconds": seconds,
-            **transport_summary(res),
+            "nfe": sum(p[3] for p in parts),
+            "seconds": max(p[4] for p in parts),
+            "kinetic_energy": kinetic.mean().item(),
+            "straightness": sum(p[5] for p in parts) / len(x),
             "processes": acc.num_processes,
             "device": str(acc.device),
-            "solver": dataclasses.asdict(solver),
-            "checkpoint": str(loaded.path),
-            "step": loaded.step,
+            "solver": info["solver"],
+            "checkpoint": str(model.path),
+            "step": model.step,
             "weights": args.weights,
         }
         written = []
         if args.encode:
-            np.savez(out / "codes.npz", codes=x.numpy(), data=pre.inverse(z).numpy())
-            info |= {"code_mean": x.mean().item(), "code_std": x.std().item()}
+            np.savez(out / "codes.npz", codes=x.numpy(), data=start.numpy())
+            summary |= {"code_mean": x.mean().item(), "code_std": x.std().item()}
             written.append(out / "codes.npz")
         else:
-            data = pre.inverse(x)
-            np.savez(out / "samples.npz", samples=data.numpy(), noise=z.numpy())
+            np.savez(out / "samples.npz", samples=x.numpy(), noise=start.numpy())
             written.append(out / "samples.npz")
-            written += pictures(loaded, data, out, args, solver, info)
-        (out / "info.json").write_text(json.dumps(info, indent=2))
-        print(json.dumps(info, indent=2))
+            written += pictures(model, x, out, args, summary)
+        (out / "info.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
         print("wrote " + ", ".join(str(w) for w in [*written, out / "info.json"]))
 
     run_cli(go)
 
 
-def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
+def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
+    """A grid of image samples; for 2D data, samples beside the density (and ``--trajectories`` paths)."""
     import numpy as np
     import torch
 
@@ -129,22 +115,23 @@ def pictures(loaded, data, out: Path, args, solver, info: dict) -> list[Path]:
     from flows.report import grid_log_density, save_grid
 
     written = []
-    images = data[:64].reshape(-1, 1, 8, 8) if loaded.config.data.name == "digits" else data[:64]
-    if images.ndim == 4:
-        written.append(save_grid(images, out / "samples_grid.png"))
-    if loaded.dim != 2:
+    if model.levels is not None and model.config.data.name == "digits" or len(model.shape) == 3:
+        images = data[:64].reshape(-1, *(model.shape if len(model.shape) == 3 else (1, 8, 8)))
+        written.append(save_grid(images / (model.levels - 1 if model.levels else 1), out / "samples_grid.png"))
+    if model.dim != 2:
         return written
-    pre = loaded.preprocess
-    reference = build_data(loaded.config.data).test.numpy()
-    lp, extent = grid_log_density(loaded, reference, solver, args.chunk)
-    title = f"{len(data):,} samples, NFE {info['nfe']}, straightness {info['straightness']:.3f}"
+    options = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
+    reference = build_data(model.config.data).test.numpy()
+    lp, extent = grid_log_density(model, reference, args.chunk, **options)
+    title = f"{len(data):,} samples, NFE {summary['nfe']}, straightness {summary['straightness']:.3f}"
     written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
     if args.trajectories:
-        device = loaded.device
+        device = model.device
         gen = torch.Generator(device).manual_seed(args.seed + 7)
         z = torch.randn(args.trajectories, 2, generator=gen, device=device)
-        path, _ = solve_path(loaded.field, z, torch.linspace(0, 1, 60, device=device), solver)
-        path = pre.inverse(path).cpu()
+        times = torch.linspace(0, 1, 60, device=device)
+        path, _ = solve_path(model.field, z, times, model.solver(**options))
+        path = model.preprocess.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())
         written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]
     return written

@@ -1,0 +1,295 @@
+"""A trained flow as a Python object: sample, log-density, encode and decode, in the data's units.
+
+``flows.load(run)`` returns a :class:`Flow`; the CLIs (``sample.py``, ``evaluate.py``) and the
+trainer's pictures call these same methods, so a notebook and a command line give the same numbers.
+
+Units. Inputs and outputs are in the units of the data the run was trained on: the preprocessing
+(standardization, dequantization, logit) is applied and inverted here, and its log-determinant is
+part of :meth:`Flow.log_prob`. For discrete data (images, digits: integer levels ``0..L-1``)
+:meth:`Flow.sample` and :meth:`Flow.decode` return integer-valued levels, and :meth:`Flow.log_prob`
+is the density of the dequantized values scaled to ``[0, 1)^D`` (the convention behind bits/dim:
+``bits/dim = (−log p / D + log L) / log 2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict, Unpack
+
+import torch
+from torch import Tensor, nn
+
+from flows.config import FIXED_STEP_METHODS, Config, SolverConfig, check_method
+from flows.data.preprocess import Preprocess
+from flows.errors import FlowsError
+from flows.evaluation import EvalOptions, point_log_likelihood
+from flows.likelihood import auto_trace
+from flows.sampling import SampleResult, decode, encode, sample, transport_summary
+
+__all__ = ["Flow", "SolveOptions"]
+
+
+class SolveOptions(TypedDict, total=False):
+    """Solver overrides every :class:`Flow` operation takes; the run's ``eval.solver`` fills the rest."""
+
+    method: str | None  # a torchdiffeq method: dopri5 (adaptive, the default), rk4, euler, ...
+    atol: float | None  # adaptive methods' tolerances
+    rtol: float | None
+    steps: int | None  # a fixed-step solve with this many steps (rk4 unless method is fixed-step)
+
+
+@dataclass
+class Flow:
+    """A vector field with its preprocessing and the config it was trained with.
+
+    Attributes:
+        field: the network ``v(x, t)`` in model space (EMA weights unless loaded with ``weights="model"``).
+        preprocess: data units ↔ model space, with its log-determinant.
+        config: the run's :class:`flows.config.Config`.
+        shape: the shape of one sample, ``(D,)`` or ``(C, H, W)``.
+        step: the training step the weights come from.
+        path: the ``model.safetensors`` file, if loaded from one.
+    """
+
+    field: nn.Module
+    preprocess: Preprocess
+    config: Config
+    shape: tuple[int, ...]
+    step: int = 0
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        """Number of dimensions of one sample, ``prod(shape)``."""
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the field's weights (and so every result) live."""
+        param = next(iter(self.field.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def levels(self) -> int | None:
+        """Number of discrete values per dimension (discrete data), else None."""
+        return self.preprocess.levels
+
+    def to(self, device: torch.device | str) -> Flow:
+        """Move the field and the preprocessing constants to ``device`` (in place); returns self."""
+        self.field.to(device)
+        self.preprocess = self.preprocess.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (
+            f"Flow({cfg.model.name}, {cfg.objective.name}, shape={self.shape}, step={self.step}, "
+            f"device={self.device}, path={str(self.path) if self.path else None!r})"
+        )
+
+    # ------------------------------------------------------------------ solver options
+    def solver(
+        self,
+        method: str | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        steps: int | None = None,
+    ) -> SolverConfig:
+        """The run's evaluation solver (``config.eval.solver``) with any of these replaced.
+
+        ``steps``: a fixed-step solve with that many steps (rk4 unless ``method`` is a fixed-step method).
+        """
+        base, changes = self.config.eval.solver, {}
+        if method is not None:
+            changes["method"] = check_method(method, "method")
+        for name, value in (("atol", atol), ("rtol", rtol)):
+            if value is not None:
+                if value <= 0:
+                    raise FlowsError(f"{name} must be positive (got {value})")
+                changes[name] = float(value)
+        if steps is not None:
+            if steps <= 0:
+                raise FlowsError(f"steps must be positive (got {steps})")
+            changes["step_size"] = 1.0 / steps
+            changes.setdefault("method", base.method if base.method in FIXED_STEP_METHODS else "rk4")
+        return dataclasses.replace(base, **changes, adjoint=False)
+
+    # ------------------------------------------------------------------ data units <-> model space
+    def _as_data(self, x: Tensor, what: str) -> Tensor:
+        x = torch.as_tensor(x, device=self.device)  # numpy arrays too
+        if tuple(x.shape[1:]) != self.shape or x.ndim != len(self.shape) + 1:
+            expected = ", ".join(map(str, self.shape))
+            raise FlowsError(f"{what}: expected a batch of shape (N, {expected}), got {tuple(x.shape)}")
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        return x.to(self.device, dtype)
+
+    def _to_data(self, x: Tensor) -> Tensor:
+        """Model space → data units (discrete data: the integer level of each dequantized value)."""
+        y = self.preprocess.inverse(x)
+        if self.levels is None:
+            return y
+        return torch.floor(y * self.levels).clamp_(0, self.levels - 1)
+
+    # ------------------------------------------------------------------ the four operations
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        chunk: int = 10_000,
+        return_info: bool = False,
+        progress: bool = False,
+        **solve: Unpack[SolveOptions],
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Draw ``n`` samples: base noise at t=0 solved to t=1.
+
+        Args:
+            n: number of samples.
+            generator: for the noise; must live on ``self.device``.
+            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the run's
+                evaluation solver, adaptive).
+            chunk: points per solve (bounds memory).
+            return_info: also return a dict with ``nfe``, ``seconds``, ``kinetic_energy`` (mean ∫‖v‖²dt,
+                model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *shape)
+                and ``solver``.
+
+        Returns:
+            Samples ``(n, *shape)`` in data units on ``self.device`` (and the info dict).
+        """
+        if n <= 0 or chunk <= 0:
+            raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
+        solver = self.solver(**solve)
+        start = time.perf_counter()
+        res = sample(self.field, n, self.shape, solver, chunk, generator, progress)
+        return self._result(self._to_data(res.x), res, solver, start, return_info, noise=res.z)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: Tensor,
+        *,
+        chunk: int = 10_000,
+        return_info: bool = False,
+        **solve: Unpack[SolveOptions],
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`)."""
+        solver = self.solver(**solve)
+        start = time.perf_counter()
+        res = decode(self.field, self._as_data(z, "decode"), solver, chunk)
+        return self._result(self._to_data(res.x), res, solver, start, return_info)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        x: Tensor,
+        *,
+        chunk: int = 10_000,
+        return_info: bool = False,
+        progress: bool = False,
+        **solve: Unpack[SolveOptions],
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Data ``x`` (N, *shape), data units → base points at t=0, ``(N, *shape)`` on ``self.device``.
+
+        Discrete data is placed at the centre of its dequantization cell, so ``decode(encode(x))``
+        returns the same levels.
+        """
+        solver = self.solver(**solve)
+        start = time.perf_counter()
+        model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
+        res = encode(self.field, model_x, solver, chunk, progress)
+        return self._result(res.x, res, solver, start, return_info)
+
+    @torch.no_grad()
+    def log_prob(
+        self,
+        x: Tensor,
+        *,
+        trace: str = "auto",
+        probes: int = 1,
+        deq_samples: int = 1,
+        generator: torch.Generator | None = None,
+        batch_size: int = 1000,
+        return_info: bool = False,
+        **solve: Unpack[SolveOptions],
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Exact log-density of each point, every preprocessing log-determinant counted.
+
+        Args:
+            x: ``(N, *shape)`` in data units (discrete data: the integer levels).
+            trace: ``"exact"`` (D vector-Jacobian products per evaluation), ``"hutchinson"`` (unbiased,
+                ``probes`` probes per point, averaged) or ``"auto"`` (exact for an MLP of dimension ≤ 64).
+            deq_samples: discrete data: importance-weighted over this many dequantizations (a tighter bound).
+            generator: for probes and dequantization noise; must live on ``self.device``.
+            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the run's
+                evaluation solver).
+            batch_size: points per solve (bounds memory).
+            return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
+                per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``, ``solver``.
+
+        Returns:
+            ``(N,)`` float64 on ``self.device`` (and the info dict).
+        """
+        opts = self.eval_options(trace, probes, deq_samples, **solve)
+        if batch_size <= 0:
+            raise FlowsError("batch_size must be positive")
+        start = time.perf_counter()
+        lps, variances, nfe = [], [], []
+        for part in self._as_data(x, "log_prob").split(batch_size):
+            lp, var, n = point_log_likelihood(self.field, part, self.preprocess, opts, generator)
+            lps.append(lp)
+            variances.append(var)
+            nfe.append(n)
+        lp = torch.cat(lps)
+        if not return_info:
+            return lp
+        info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
+        return lp, info | {"variance": torch.cat(variances)} | options_info(opts)
+
+    def eval_options(
+        self, trace: str = "auto", probes: int = 1, deq_samples: int = 1, **solve: Unpack[SolveOptions]
+    ) -> EvalOptions:
+        """The options :meth:`log_prob` resolves its arguments to (``trace="auto"`` decided, probes and
+        dequantization samples only where they apply)."""
+        trace = auto_trace(trace, self.dim, self.config.model.name)
+        if trace not in ("exact", "hutchinson"):
+            raise FlowsError(f"trace must be 'auto', 'exact' or 'hutchinson' (got {trace!r})")
+        if probes <= 0 or deq_samples <= 0:
+            raise FlowsError("probes and deq_samples must be positive")
+        return EvalOptions(
+            self.solver(**solve),
+            trace,
+            probes if trace == "hutchinson" else 1,
+            "rademacher",
+            deq_samples if self.levels is not None else 1,
+        )
+
+    def _result(
+        self, out: Tensor, res: SampleResult, solver: SolverConfig, start: float, return_info: bool, **extra: Tensor
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        if not return_info:
+            return out
+        info = {
+            "nfe": res.nfe,
+            "seconds": time.perf_counter() - start,
+            **transport_summary(res),
+            "kinetic": res.kinetic,
+            **extra,
+            "solver": dataclasses.asdict(solver),
+        }
+        return out, info
+
+
+def options_info(opts: EvalOptions) -> dict[str, Any]:
+    """What ``log_prob(..., return_info=True)`` reports of its options."""
+    return {
+        "trace": opts.trace,
+        "probes": opts.probes,
+        "deq_samples": opts.deq_samples,
+        "solver": dataclasses.asdict(opts.solver),
+    }
