@@ -21,6 +21,7 @@ from flows.errors import ConfigError
 __all__ = [
     "DATASETS",
     "SOLVER_METHODS",
+    "TRACKERS",
     "check_method",
     "IMAGE_DATASETS",
     "Config",
@@ -56,6 +57,8 @@ DATASETS = (*TOY_DATASETS, "digits", "tabular", *SUITE_DATASETS, *IMAGE_DATASETS
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 SOLVER_METHODS = (*ADAPTIVE_METHODS, *FIXED_STEP_METHODS)
+# Accelerate's trackers (tests/test_tracking.py checks this list against accelerate.utils.LoggerType)
+TRACKERS = ("all", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
@@ -141,6 +144,7 @@ class TrainConfig:
     time_limit: float | None = None  # minutes of training and periodic evaluation; the lr schedule spans it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # flow matching only; never inside ODE solves
     init_from: str | None = None  # a run (or model.safetensors) whose EMA weights start this one
+    log_with: str | list[str] | None = None  # trackers through Accelerate: tensorboard, wandb, mlflow, ... or "all"
 
 
 @dataclass
@@ -203,6 +207,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid config value: {message}.")
+        log_with = self.train.log_with
+        for name in log_with.split(",") if isinstance(log_with, str) else log_with or []:
+            if name.strip() not in (*TRACKERS, "none", ""):
+                _unknown("train.log_with", name.strip(), TRACKERS)
         if self.data.name not in DATASETS:
             _unknown("data.name", self.data.name, DATASETS)
         for width in (self.model.channels * m for m in self.model.channel_mult):

@@ -26,7 +26,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ from flows.likelihood import auto_trace
 from flows.model import Flow
 from flows.nn import build_field
 from flows.objectives import build_objective
+from flows.tracking import check_installed, hyperparameters, log_images, scalars, tracker_names
 
 __all__ = ["train", "Trainer", "lr_lambda"]
 
@@ -82,10 +83,14 @@ class Trainer:
         # Accelerate keeps one process-wide state: a second run in this process (flows.train in a notebook)
         # may ask for other settings (mixed precision, trackers); the process group itself is kept
         AcceleratorState._reset_state(reset_partial_state=False)
+        trackers = tracker_names(cfg)
+        check_installed(trackers)  # before anything is written
         self.accelerator = acc = Accelerator(
-            dataloader_config=DataLoaderConfiguration(split_batches=True),  # evaluation loaders; training: Batches
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
             step_scheduler_with_optimizer=False,
             mixed_precision=cfg.train.mixed_precision,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         if cfg.train.batch_size % acc.num_processes:
             raise TrainingAborted(
@@ -148,6 +153,8 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if trackers:  # TensorBoard: run_dir/logs/<run name>
+            acc.init_trackers(self.run_dir.name, config=hyperparameters(cfg))
 
     def _batch_size(self) -> int:
         """train.batch_size, or the whole table (a multiple of the process count) when the table is smaller."""
@@ -216,9 +223,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- logging
     def log(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl; its numbers also go to the trackers of ``train.log_with``."""
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.accelerator.trackers:
+                self.accelerator.log(scalars(record), step=record["step"])
 
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
         """Held-out NLL of the EMA weights (reporting space), split over processes: flows.evaluation's path."""
@@ -485,14 +495,17 @@ class Trainer:
             result |= {"best_step": progress.best_step, "val_nll": progress.best_nll}
         if acc.is_main_process:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": self.progress.step, **result}, indent=2))
+            picture = None
             if cfg.eval.plot and self.data.dim == 2:
                 from flows.report import plot_run
 
-                plot_run(self.run_dir, device=acc.device)
+                picture = plot_run(self.run_dir, device=acc.device)
             elif cfg.eval.plot and len(self.data.shape) == 3:
                 from flows.report import image_grid
 
-                image_grid(self.run_dir, device=acc.device)
+                picture = image_grid(self.run_dir, device=acc.device)
+            if picture is not None:
+                log_images(acc, {"samples": picture}, self.progress.step)
         acc.wait_for_everyone()
         return result
 
