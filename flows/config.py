@@ -127,6 +127,7 @@ class ObjectiveConfig:
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 512  # global batch, split over processes
+    grad_accum: int = 1  # micro-batches per step (each process: batch_size / processes / grad_accum rows at once)
     lr: float = 1e-3
     warmup_steps: int = 100
     schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to 0 at steps
@@ -143,6 +144,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
     time_limit: float | None = None  # minutes of training and periodic evaluation; the lr schedule spans it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # flow matching only; never inside ODE solves
+    compile: bool = False  # flow matching only: torch.compile the field for the regression (first steps compile)
     init_from: str | None = None  # a run (or model.safetensors) whose EMA weights start this one
     log_with: str | list[str] | None = None  # trackers through Accelerate: tensorboard, wandb, mlflow, ... or "all"
 
@@ -170,6 +172,7 @@ class Config:
         checks = [
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.batch_size > 0, "train.batch_size must be > 0"),
+            (self.train.grad_accum > 0, "train.grad_accum must be > 0"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (0 <= self.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
             (self.train.log_every > 0, "train.log_every must be > 0"),
@@ -195,6 +198,11 @@ class Config:
                 self.train.mixed_precision == "no" or self.objective.name == "fm",
                 "train.mixed_precision is for flow matching (objective.name=fm): maximum likelihood "
                 "solves ODEs in the loss, which must stay in float32",
+            ),
+            (
+                not self.train.compile or self.objective.name == "fm",
+                "train.compile is for flow matching (objective.name=fm): maximum likelihood differentiates the "
+                "divergence (a double backward), which torch.compile's autograd does not support",
             ),
         ]
         for prefix, s in (("solver", self.solver), ("eval.solver", self.eval.solver)):

@@ -26,7 +26,11 @@ class MaximumLikelihood(nn.Module):
         super().__init__()
         self.field, self.solver, self.cfg = field, solver, cfg
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def draw(self, x: Tensor) -> dict[str, Tensor]:
+        """The step's random draws (none here: a Hutchinson probe is drawn inside each solve)."""
+        return {}
+
+    def forward(self, x: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
         res = log_prob(
             self.field,
@@ -58,26 +62,38 @@ class FlowMatching(nn.Module):
     Vectors and images alike; under mixed precision the loss itself is computed in float32.
     """
 
-    def __init__(self, field: nn.Module, cfg: ObjectiveConfig):
+    def __init__(self, field: nn.Module, cfg: ObjectiveConfig, compile: bool = False):
         super().__init__()
         self.field, self.cfg = field, cfg
         self.path = AffinePath(SCHEDULERS[cfg.path]())
         self.coupling = COUPLINGS[cfg.coupling]
+        # torch.compile'd field for the regression; kept out of the module tree (set through __dict__) so
+        # that state dicts and checkpoints hold the plain field's keys and load with or without compile
+        self.__dict__["_forward_field"] = torch.compile(field) if compile else field
 
-    def forward(self, x1: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def draw(self, x1: Tensor) -> dict[str, Tensor]:
+        """The noise x₀ and the times t for a batch, one row per sample: drawn for a whole batch, then sliced
+        into micro-batches (gradient accumulation), they give the same per-sample draws as one batch."""
         cfg = self.cfg
-        x0, x1 = self.coupling(torch.randn_like(x1), x1)
+        x0 = torch.randn_like(x1)
         t = sample_time(len(x1), cfg.time_sampling, cfg.logit_normal_mean, cfg.logit_normal_std, x1.device)
+        return {"x0": x0, "t": t}
+
+    def forward(self, x1: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        draws = draws or self.draw(x1)
+        x0, x1 = self.coupling(draws["x0"], x1)  # ot: coupled within the (micro-)batch
+        t = draws["t"]
         ps = self.path.sample(x0, x1, t)
-        loss = (self.field(ps.xt, t).float() - ps.dxt).pow(2).mean()
+        loss = (self._forward_field(ps.xt, t).float() - ps.dxt).pow(2).mean()
         return loss, {}
 
 
-def build_objective(field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig) -> nn.Module:
+def build_objective(field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig, compile: bool = False) -> nn.Module:
+    """``compile``: flow matching only (maximum likelihood needs a double backward, which compile does not do)."""
     if cfg.name == "mle":
         return MaximumLikelihood(field, solver, cfg)
     if cfg.name == "fm":
-        return FlowMatching(field, cfg)
+        return FlowMatching(field, cfg, compile)
     raise ValueError(f"unknown objective {cfg.name!r}")
 
 

@@ -63,15 +63,14 @@ def test_config_typo_exits_nonzero_and_names_the_key(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tmp_path):
-    full = load_config(None, tiny_overrides(tmp_path / "full", steps=6))
-    train(full)
-    part = load_config(None, tiny_overrides(tmp_path / "part", steps=4))
+def assert_resume_is_exact(tmp_path, *extra):
+    """6 steps in one go == 4 steps, then a resume to 6 (weights equal to the bit)."""
+    train(load_config(None, [*tiny_overrides(tmp_path / "full", steps=6), *extra]))
+    part = load_config(None, [*tiny_overrides(tmp_path / "part", steps=4), *extra])
     train(part)
     with pytest.raises(TrainingAborted, match="already holds a run"):
         Trainer(part)
-    resumed = load_config(tmp_path / "part" / "config.yaml", ["train.steps=6"])
-    trainer = Trainer(resumed, resume=True)
+    trainer = Trainer(load_config(tmp_path / "part" / "config.yaml", ["train.steps=6"]), resume=True)
     assert trainer.progress.step == 4
     trainer.run()
     trainer.accelerator.end_training()
@@ -80,11 +79,15 @@ def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tmp_
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
 
 
+def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tmp_path):
+    assert_resume_is_exact(tmp_path)
+
+
 def test_non_finite_loss_skips_the_step_and_stops_with_a_resumable_checkpoint(tmp_path):
     cfg = load_config(None, [*tiny_overrides(tmp_path / "nan", steps=50), "train.max_bad_steps=3"])
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.field.state_dict().items()}
-    trainer.objective.forward = lambda x: (torch.tensor(float("nan")), {})
+    trainer.objective.forward = lambda x, draws=None: (torch.tensor(float("nan")), {})
     with pytest.raises(TrainingAborted, match="stopped after 3 bad steps"):
         trainer.run()
     for k, v in trainer.field.state_dict().items():
@@ -162,3 +165,51 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("objective", ["fm", "mle"])
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, objective):
+    """K micro-batches of B/K give the parameters of one batch of B (FM: the draws are made per batch)."""
+    weights = {}
+    for k in (1, 2, 4):
+        run_dir = tmp_path / f"k{k}"
+        extra = [f"objective.name={objective}", f"train.grad_accum={k}", "train.log_every=3"]
+        train(load_config(None, [*tiny_overrides(run_dir, steps=5), *extra]))
+        weights[k] = model_weights(run_dir)
+    for k in (2, 4):
+        for key, value in weights[1].items():
+            torch.testing.assert_close(weights[k][key], value, atol=1e-6, rtol=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "k2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 3]
+
+
+def test_resume_with_gradient_accumulation_is_exact(tmp_path):
+    assert_resume_is_exact(tmp_path, "objective.name=fm", "train.grad_accum=2")
+
+
+def test_batch_must_split_over_accumulation(tmp_path):
+    with pytest.raises(TrainingAborted, match=r"train.grad_accum \(3\)"):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path / "r"), "train.grad_accum=3"]))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.filterwarnings("ignore")  # inductor's warnings on a machine without CUDA
+def test_compiled_flow_matching_trains_and_its_checkpoint_loads_without_compile(tmp_path):
+    from flows.checkpoint import load
+
+    overrides = [*tiny_overrides(tmp_path / "c", steps=3), "objective.name=fm", "train.compile=true"]
+    probe = Trainer(load_config(None, [*overrides, "run_dir=" + str(tmp_path / "probe")]))
+    compiled = probe.accelerator.unwrap_model(probe.objective)._forward_field
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    probe.accelerator.end_training()
+    result = train(load_config(None, overrides))
+    assert result is not None and torch.isfinite(torch.tensor(result["nll"]))
+    flow = load(tmp_path / "c")  # plain keys: no _orig_mod prefix
+    assert not any("_orig_mod" in k for k in flow.field.state_dict())
+    resumed = Trainer(
+        load_config(tmp_path / "c" / "config.yaml", ["train.steps=4", "train.compile=false"]), resume=True
+    )
+    assert resumed.progress.step == 3  # Accelerate's state (the objective's keys) loads without compile
+    resumed.accelerator.end_training()
+    with pytest.raises(Exception, match="train.compile is for flow matching"):
+        load_config(None, ["train.compile=true"])
