@@ -83,9 +83,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "unet"] = "mlp"
-    # mlp (vectors)
+    name: Literal["mlp", "unet", "potential"] = "mlp"
+    # mlp (vectors); potential (vectors): width hidden[0], one opening + len(hidden) - 1 residual layers
     hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
+    rank: int = 0  # potential: rank of its quadratic term (0: min(10, D + 1))
     activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
     time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
     conditioning: Literal["concatsquash", "concat"] = "concatsquash"  # time gates every layer, or enters once
@@ -121,6 +122,7 @@ class ObjectiveConfig:
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     kinetic: float = 0.0  # weight of the kinetic energy  ∫‖v‖² dt  (RNODE)
     jacobian: float = 0.0  # weight of the Jacobian Frobenius norm  ∫‖∂v/∂x‖²_F dt  (RNODE)
+    hjb: float = 0.0  # model.name=potential: weight of the HJB penalty ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow)
 
 
 @dataclass
@@ -189,6 +191,21 @@ class Config:
             (bool(self.model.hidden) and min(self.model.hidden) > 0, "model.hidden: widths > 0"),
             (self.objective.kinetic >= 0, "objective.kinetic must be >= 0"),
             (self.objective.jacobian >= 0, "objective.jacobian must be >= 0"),
+            (self.objective.hjb >= 0, "objective.hjb must be >= 0"),
+            (
+                self.objective.hjb == 0 or self.model.name == "potential",
+                "objective.hjb is the HJB penalty of a potential field: set model.name=potential or objective.hjb=0",
+            ),
+            (
+                self.objective.jacobian == 0 or self.model.name != "potential",
+                "objective.jacobian needs vector-Jacobian products, which a potential field does not use: "
+                "regularize it with objective.hjb (and objective.kinetic) instead",
+            ),
+            (
+                self.model.name != "potential" or (len(set(self.model.hidden)) == 1 and len(self.model.hidden) >= 2),
+                "model.name=potential takes equal widths and at least two layers in model.hidden, e.g. [64, 64, 64]",
+            ),
+            (self.model.rank >= 0, "model.rank must be >= 0"),
             (self.objective.logit_normal_std > 0, "objective.logit_normal_std must be > 0"),
             (0 <= self.data.logit_alpha < 0.5, "data.logit_alpha must be in [0, 0.5)"),
             (self.model.channels > 0 and self.model.num_res_blocks >= 0, "model.channels must be > 0"),

@@ -20,7 +20,8 @@ __all__ = ["MaximumLikelihood", "FlowMatching", "build_objective"]
 
 
 class MaximumLikelihood(nn.Module):
-    """−log p(x) + λ_K ∫‖v‖²dt + λ_J ∫‖∂v/∂x‖²_F dt  (FFJORD with RNODE regularization)."""
+    """−log p(x) + λ_K ∫‖v‖²dt + λ_J ∫‖∂v/∂x‖²_F dt  (FFJORD with RNODE regularization);
+    for a potential field, + λ_HJB ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow's HJB penalty) instead of the Jacobian term."""
 
     def __init__(self, field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig):
         super().__init__()
@@ -40,6 +41,7 @@ class MaximumLikelihood(nn.Module):
             cfg.probe,
             kinetic=cfg.kinetic > 0,
             jacobian=cfg.jacobian > 0,
+            hjb=cfg.hjb > 0,
         )
         nll = -res.log_prob.mean()
         loss = nll
@@ -52,6 +54,10 @@ class MaximumLikelihood(nn.Module):
             jacobian = res.jacobian.mean()
             loss = loss + cfg.jacobian * jacobian
             stats["jacobian"] = jacobian.detach()
+        if res.hjb is not None:
+            hjb = res.hjb.mean()
+            loss = loss + cfg.hjb * hjb
+            stats["hjb"] = hjb.detach()
         return loss, stats
 
 

@@ -43,10 +43,15 @@ class Solution:
     kinetic: Tensor | None  # ∫_{t0}^{t1} ‖v‖² dt, (B,)
     jacobian: Tensor | None  # ∫_{t0}^{t1} ‖∂v/∂x‖²_F dt, (B,)
     nfe: NFE = field(default_factory=NFE)
+    hjb: Tensor | None = None  # ∫_{t0}^{t1} |∂ₜΦ − ½‖∇ₓΦ‖²| dt, (B,): potential fields only
 
 
 class _Dynamics(nn.Module):
-    """Augmented dynamics for one solve (built per call: the probe is drawn once per solve)."""
+    """Augmented dynamics for one solve (built per call: the probe is drawn once per solve).
+
+    A field with ``analytic_divergence`` (the potential) supplies ``dynamics(x, t) -> (v, div v, ∂ₜΦ)``
+    itself: its divergence is exact whatever ``trace`` asks for, and no probe or VJP is used.
+    """
 
     def __init__(
         self,
@@ -56,15 +61,27 @@ class _Dynamics(nn.Module):
         kinetic: bool,
         jacobian: bool,
         nfe: NFE,
+        hjb: bool = False,
     ):
         super().__init__()
         self.field, self.trace, self.probe = field, trace, probe
-        self.kinetic, self.jacobian, self.nfe = kinetic, jacobian, nfe
+        self.kinetic, self.jacobian, self.nfe, self.hjb = kinetic, jacobian, nfe, hjb
+        self.analytic = getattr(field, "analytic_divergence", False)
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe.total += 1
         x = state[0]
         t = t.expand(x.shape[0])
+        if self.analytic and (self.trace is not None or self.hjb):
+            v, div, phi_t = self.field.dynamics(x, t)
+            out = [v]
+            if self.trace is not None:
+                out.append(div)
+            if self.kinetic:
+                out.append(v.pow(2).sum(1))
+            if self.hjb:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
+                out.append((phi_t - 0.5 * v.pow(2).sum(1)).abs())
+            return tuple(out)
         if self.trace is None and not self.jacobian:
             v = self.field(x, t)
             return (v,) + ((v.pow(2).flatten(1).sum(1),) if self.kinetic else ())
@@ -102,19 +119,23 @@ def solve(
     kinetic: bool = False,
     jacobian: bool = False,
     generator: torch.Generator | None = None,
+    hjb: bool = False,
 ) -> Solution:
     """Integrate x from t0 to t1 under ``field`` with the requested integrals.
 
     trace: None, "exact" or "hutchinson" (the probe is drawn once for this solve).
-    jacobian needs a trace (it reuses its vector-Jacobian products).
+    jacobian needs a trace (it reuses its vector-Jacobian products); hjb needs a potential field.
     """
-    if jacobian and trace is None:
-        raise ValueError("the Jacobian regularizer needs trace='exact' or 'hutchinson'")
-    eps = draw_probe(x, probe, generator) if trace == "hutchinson" else None
+    analytic = getattr(field, "analytic_divergence", False)
+    if jacobian and (trace is None or analytic):
+        raise ValueError("the Jacobian regularizer needs trace='exact' or 'hutchinson' and a non-potential field")
+    if hjb and not analytic:
+        raise ValueError("the HJB penalty needs a potential field (model.name=potential)")
+    eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None
     nfe = NFE()
-    dynamics = _Dynamics(field, trace, eps, kinetic, jacobian, nfe)
+    dynamics = _Dynamics(field, trace, eps, kinetic, jacobian, nfe, hjb)
     zeros = x.new_zeros(x.shape[0])
-    state = (x,) + (zeros,) * (int(trace is not None) + int(kinetic) + int(jacobian))
+    state = (x,) + (zeros,) * (int(trace is not None) + int(kinetic) + int(jacobian) + int(hjb))
     n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
 
     def norm(tensors: tuple[Tensor, ...]) -> Tensor:
@@ -128,7 +149,8 @@ def solve(
     div = rest.pop(0) if trace is not None else None
     kin = rest.pop(0) if kinetic else None
     jac = rest.pop(0) if jacobian else None
-    return Solution(x1, div, kin, jac, nfe)
+    hjb_integral = rest.pop(0) if hjb else None
+    return Solution(x1, div, kin, jac, nfe, hjb_integral)
 
 
 def _odeint(

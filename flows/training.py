@@ -395,13 +395,14 @@ class Trainer:
                 stats["nll"].item() - pre.log_det(x).mean().item() if "nll" in stats else torch.nan,
                 stats.get("kinetic", torch.nan),
                 stats.get("jacobian", torch.nan),
+                stats.get("hjb", torch.nan),
                 nfe.forward if nfe else torch.nan,
                 nfe.backward if nfe else torch.nan,
             ],
             device=acc.device,
         )
         values = acc.reduce(values, "mean")
-        names = ("loss", "nll", "kinetic", "jacobian", "nfe_forward", "nfe_backward")
+        names = ("loss", "nll", "kinetic", "jacobian", "hjb", "nfe_forward", "nfe_backward")
         record = {k: v for k, v in zip(names, values.tolist(), strict=True) if not math.isnan(v)}
         record |= {"grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
         return record
