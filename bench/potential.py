@@ -95,6 +95,7 @@ def launch(config: str, run_dir: Path, minutes: float, extra: list[str]) -> subp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     args = [sys.executable, str(ROOT / "train.py"), "--config", config, f"run_dir={run_dir}"]
     args += [f"train.time_limit={minutes}", "eval.plot=false", *extra]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -7,7 +7,7 @@ with the smooth activation σ(a) = log cosh a (σ' = tanh, σ'' = 1 − tanh², 
 
 The gradient comes from one backward recursion written out (not autograd through the network):
 zᵢ = ∂Φ/∂uᵢ, z_{M−1} = w, zᵢ₋₁ = zᵢ + h Kᵢᵀ(σ'(aᵢ) ⊙ zᵢ), ∇ₛ(wᵀN) = K₀ᵀ(σ'(a₀) ⊙ z₀). The trace of
-the Hessian in x follows by a forward recursion on Jᵢ = ∂uᵢ/∂x (m × d per sample):
+the Hessian in x follows by a forward recursion on Jᵢ = ∂uᵢ/∂x (m × d per sample, kept transposed):
 
     tr ∇²ₓΦ = Σⱼ σ''(a₀)ⱼ z₀ⱼ ‖(K₀E)ⱼ‖² + h Σᵢ Σⱼ σ''(aᵢ)ⱼ zᵢⱼ ‖(Kᵢ Jᵢ₋₁)ⱼ‖² + ‖A E‖²_F,
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.nn.embedding import time_rows
@@ -30,9 +29,12 @@ __all__ = ["Potential", "log_cosh"]
 
 
 def log_cosh(a: Tensor) -> Tensor:
-    """σ(a) = log cosh a, computed without overflow: |a| + log(1 + e^{−2|a|}) − log 2."""
+    """σ(a) = log cosh a, computed without overflow: |a| + log(1 + e^{−2|a|}) − log 2.
+
+    e^{−2|a|} is floored at e^{−40} (a change below 1e-17): denormal floats from exp's underflow made
+    trained potentials 2-3x slower on CPU."""
     a = a.abs()
-    return a + F.softplus(-2 * a) - math.log(2)
+    return a + torch.log1p(torch.exp((-2 * a).clamp_min(-40))) - math.log(2)
 
 
 class Potential(nn.Module):
@@ -102,15 +104,17 @@ class Potential(nn.Module):
         grad = (tanh[0] * z) @ self.opening.weight + quad + self.b
         if not trace:
             return grad[:, :d], grad[:, d], None
-        # forward recursion on J = ∂u/∂x, (B, m, d)
+        # forward recursion on Jᵀ = (∂u/∂x)ᵀ, (B, d, m): each layer is one (B·d, m) x (m, m) product
         k0 = self.opening.weight[:, :d]  # (m, d)
-        tr = ((1 - tanh[0].pow(2)) * zs[0]) @ k0.pow(2).sum(1)
-        jac = tanh[0].unsqueeze(2) * k0  # (B, m, d)
+        tr = (1 - tanh[0].pow(2)).mul_(zs[0]) @ k0.pow(2).sum(1)
+        batch, width = s.shape[0], k0.shape[0]
+        jac_t = tanh[0].unsqueeze(1) * k0.T.contiguous()  # (B, d, m), contiguous: one GEMM below, not B
         for i, layer in enumerate(self.layers, start=1):
-            kj = torch.matmul(layer.weight, jac)  # (B, m, d): ∂aᵢ/∂x
-            tr = tr + h * (((1 - tanh[i].pow(2)) * zs[i]) * kj.pow(2).sum(2)).sum(1)
+            kj_t = (jac_t.reshape(-1, width) @ layer.weight.T).view(batch, d, width)  # (∂aᵢ/∂x)ᵀ
+            weight = (1 - tanh[i].pow(2)).mul_(zs[i])  # σ''(aᵢ) ⊙ zᵢ, (B, m)
+            tr = tr + h * (kj_t.pow(2).sum(1) * weight).sum(1)
             if i < len(self.layers):
-                jac = jac + h * tanh[i].unsqueeze(2) * kj
+                jac_t = jac_t + h * tanh[i].unsqueeze(1) * kj_t
         tr = tr + self.A[:, :d].pow(2).sum()
         return grad[:, :d], grad[:, d], tr
 
