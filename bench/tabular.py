@@ -16,6 +16,7 @@ Contestants, each in its own process with one thread, for the same wall time:
   selection and schedule by default); the time limit counts training and validation, not the final
   test evaluation;
 - flows-mle: the same with ``configs/tabular_mle.yaml`` (maximum likelihood on the same field);
+- flows-potential: ``configs/tabular_mle.yaml`` on the potential field (OT-Flow: ``POTENTIAL`` below);
 - zuko: ``zuko.flows.CNF(D, hidden_features=(128, 128, 128), exact=False)``, Adam 1e-3, batch
   min(256, rows), its defaults otherwise, on the training rows standardized like ours.
 Held-out NLL in the table's own units (the standardization's log-det counted), exact trace,
@@ -131,6 +132,19 @@ def exact_test_lp(field, pre, test) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+POTENTIAL = [  # maximum likelihood on the potential field, OT-Flow's objective, RK4 in training
+    "model.name=potential",
+    "model.hidden=[64,64,64]",
+    "objective.jacobian=0",
+    "objective.kinetic=0.01",
+    "objective.hjb=0.05",
+    "solver.method=rk4",
+    "solver.step_size=0.125",
+    "train.lr=1e-2",
+    "train.grad_clip=1.0",
+]
+
+
 def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra: list[str]) -> dict:
     import shutil
 
@@ -139,14 +153,14 @@ def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra:
         sys.executable,
         str(ROOT / "train.py"),
         "--config",
-        str(ROOT / ("configs/tabular_mle.yaml" if objective == "mle" else "configs/tabular.yaml")),
+        str(ROOT / ("configs/tabular.yaml" if objective == "default" else "configs/tabular_mle.yaml")),
         f"data.path={folder / 'train.npy'}",
         f"data.test_path={folder / 'test.npy'}",
         f"train.time_limit={minutes}",
         f"run_dir={run}",
         "eval.plot=false",
     ]
-    args += extra
+    args += [*(POTENTIAL if objective == "potential" else []), *extra]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - start
@@ -192,7 +206,7 @@ def worker(args) -> None:
     if args.worker == "zuko":
         result = worker_zuko(folder, args.minutes)
     else:
-        objective = "mle" if args.worker == "flows-mle" else "default"
+        objective = {"flows-mle": "mle", "flows-potential": "potential"}.get(args.worker, "default")
         result = worker_flows(folder, args.minutes, objective, run, args.set)
     Path(args.result).write_text(json.dumps(result))
 

@@ -112,9 +112,9 @@ class Potential(nn.Module):
         for i, layer in enumerate(self.layers, start=1):
             kj_t = (jac_t.reshape(-1, width) @ layer.weight.T).view(batch, d, width)  # (∂aᵢ/∂x)ᵀ
             weight = (1 - tanh[i].pow(2)).mul_(zs[i])  # σ''(aᵢ) ⊙ zᵢ, (B, m)
-            tr = tr + h * (kj_t.pow(2).sum(1) * weight).sum(1)
-            if i < len(self.layers):
-                jac_t = jac_t + h * tanh[i].unsqueeze(1) * kj_t
+            tr = tr + h * (kj_t.square().sum(1) * weight).sum(1)
+            if i < len(self.layers):  # (single passes over the (B, d, m) tensors: they dominate memory traffic)
+                jac_t = torch.addcmul(jac_t, tanh[i].unsqueeze(1), kj_t, value=h)
         tr = tr + self.A[:, :d].pow(2).sum()
         return grad[:, :d], grad[:, d], tr
 
