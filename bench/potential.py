@@ -173,27 +173,27 @@ def main() -> None:
         head = ["D", "MLP params", "potential params", "MLP eval", "potential eval", "ratio"]
         print(table([*head, "MLP train", "potential train", "ratio"], rows), flush=True)
 
-    if "checkerboard" in parts:
-        runs = {
-            "mlp": (str(ROOT / "configs/toy2d_mle.yaml"), []),
-            "potential": (str(ROOT / "configs/toy2d_potential.yaml"), []),
-        }
-        wall = train_pair(runs, out / "checkerboard", args.minutes)
-        test = build_data(flows.load(out / "checkerboard" / "mlp").config.data).test
-        results = {name: exact_likelihood(out / "checkerboard" / name, test, 2000) for name in runs}
-        print(f"\n## Checkerboard, maximum likelihood, {args.minutes:g} min each (wall {wall})\n")
-        print(compare(list(runs), results, bpd=False), flush=True)
+    races = {
+        "checkerboard": ("toy2d", 2000, False, "Checkerboard, maximum likelihood"),
+        "digits": ("digits", 400, True, "Digits as 64-D vectors, maximum likelihood"),
+    }
+    for part, (prefix, batch, bpd, title) in races.items():
+        if part in parts:
+            race(out / part, prefix, batch, bpd, f"{title}, {args.minutes:g} min each", args.minutes)
 
-    if "digits" in parts:
-        runs = {
-            "mlp": (str(ROOT / "configs/digits_mle.yaml"), []),
-            "potential": (str(ROOT / "configs/digits_potential.yaml"), []),
-        }
-        wall = train_pair(runs, out / "digits", args.minutes)
-        test = build_data(flows.load(out / "digits" / "mlp").config.data).test
-        results = {name: exact_likelihood(out / "digits" / name, test, 400) for name in runs}
-        print(f"\n## Digits as 64-D vectors, maximum likelihood, {args.minutes:g} min each (wall {wall})\n")
-        print(compare(list(runs), results, bpd=True), flush=True)
+
+def race(out: Path, prefix: str, batch: int, bpd: bool, title: str, minutes: float) -> None:
+    """configs/{prefix}_mle.yaml (the MLP) against configs/{prefix}_potential.yaml, trained at once, then
+    the exact likelihood of the held-out split for each."""
+    runs = {
+        name: (str(ROOT / f"configs/{prefix}_{kind}.yaml"), [])
+        for name, kind in (("mlp", "mle"), ("potential", "potential"))
+    }
+    wall = train_pair(runs, out, minutes)
+    test = build_data(flows.load(out / "mlp").config.data).test
+    results = {name: exact_likelihood(out / name, test, batch) for name in runs}
+    print(f"\n## {title} (wall {wall})\n")
+    print(compare(list(runs), results, bpd=bpd), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flows import checkpoint
-from flows.config import Config, load_config, merge, to_dict
+from flows.config import Config, load_config, to_dict
 from flows.errors import ConfigError
 from flows.model import Flow
 
@@ -94,9 +94,7 @@ def train(
     updates: dict[str, Any] = dict(sections)
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
-    if isinstance(config, Config):
-        cfg = load_config(None, overrides, merge(to_dict(config), updates))
-    else:
-        cfg = load_config(config, overrides, updates)
+    base = to_dict(config) if isinstance(config, Config) else config
+    cfg = load_config(base, overrides, updates)
     result = run_training(cfg, resume=resume)
     return Run(Path(cfg.run_dir), cfg, result or {})

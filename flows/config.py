@@ -32,7 +32,6 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "load_config",
-    "merge",
     "from_dict",
     "to_dict",
 ]
@@ -366,24 +365,25 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict[str, Any], updates: typing.Mapping[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], updates: typing.Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``updates`` merged in, section by section (a nested mapping updates a section)."""
     out = dict(base)
     for key, value in updates.items():
         if isinstance(value, typing.Mapping) and isinstance(out.get(key), dict | type(None)):
-            out[key] = merge(out.get(key) or {}, value)
+            out[key] = _merge(out.get(key) or {}, value)
         else:
             out[key] = value
     return out
 
 
 def load_config(
-    path: str | Path | None = None,
+    path: str | Path | dict[str, Any] | None = None,
     overrides: typing.Sequence[str] = (),
     updates: typing.Mapping[str, Any] | None = None,
 ) -> Config:
-    """Defaults ← YAML file ← ``key.sub=value`` overrides ← ``updates`` (a nested mapping), validated."""
-    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    """Defaults ← YAML file (or a dict of it) ← ``key.sub=value`` overrides ← ``updates`` (a nested
+    mapping), validated."""
+    data: dict[str, Any] = dict(path) if isinstance(path, dict) else _read_yaml(path) if path is not None else {}
     for text in overrides:
         keys, value = _parse_override(text)
         node = data
@@ -393,4 +393,4 @@ def load_config(
                 raise ConfigError(f"override '{text}': '{k}' is not a section.")
             node = child
         node[keys[-1]] = value
-    return from_dict(Config, merge(data, updates or {})).validate()
+    return from_dict(Config, _merge(data, updates or {})).validate()

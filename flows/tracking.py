@@ -18,19 +18,6 @@ from flows.errors import ConfigError
 
 __all__ = ["tracker_names", "check_installed", "hyperparameters", "scalars", "log_images"]
 
-# the module each tracker imports, and what to pip install for it
-PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
-    "aim": ("aim", "aim"),
-    "comet_ml": ("comet_ml", "comet_ml"),
-    "clearml": ("clearml", "clearml"),
-    "dvclive": ("dvclive", "dvclive"),
-    "swanlab": ("swanlab", "swanlab"),
-    "trackio": ("trackio", "trackio"),
-}
-
 
 def tracker_names(cfg: Config) -> list[str]:
     """``train.log_with`` as a list: a name, a comma-separated string or a list; "all" is what is installed."""
@@ -43,14 +30,15 @@ def tracker_names(cfg: Config) -> list[str]:
 
 
 def _installed(name: str) -> bool:
-    return importlib.util.find_spec(PACKAGES[name][0]) is not None
+    """Every tracker's module, and its pip package, carry the tracker's own name."""
+    return importlib.util.find_spec(name) is not None
 
 
 def check_installed(names: list[str]) -> None:
     """A missing package is an error that names the pip install (Accelerate would silently drop it)."""
     missing = [n for n in names if not _installed(n)]
     if missing:
-        pips = " ".join(PACKAGES[n][1] for n in missing)
+        pips = " ".join(missing)
         raise ConfigError(
             f"train.log_with={','.join(names)}: the package for {', '.join(missing)} is not installed. "
             f"Install it with: pip install {pips}   (or drop train.log_with; metrics.jsonl is always written)."

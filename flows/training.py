@@ -27,7 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
@@ -38,7 +38,6 @@ from flows.data import build_data
 from flows.data.batches import Batches
 from flows.errors import CheckpointError, SolverError, TrainingAborted
 from flows.evaluation import gathered_log_prob, summarize
-from flows.likelihood import auto_trace
 from flows.model import Flow
 from flows.nn import build_field
 from flows.objectives import build_objective
@@ -87,7 +86,6 @@ class Trainer:
         trackers = tracker_names(cfg)
         check_installed(trackers)  # before anything is written
         self.accelerator = acc = Accelerator(
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
             step_scheduler_with_optimizer=False,
             mixed_precision=cfg.train.mixed_precision,
             log_with=trackers or None,
@@ -249,7 +247,7 @@ class Trainer:
         solver = cfg.eval.solver
         result |= {
             "nfe": info["nfe"],
-            "trace": auto_trace(cfg.eval.trace, data.dim, cfg.model.name),
+            "trace": info["trace"],
             "solver": f"{solver.method} atol={solver.atol:g} rtol={solver.rtol:g}",
             "seconds": info["seconds"],
         }

@@ -87,8 +87,11 @@ def test_train_takes_sections_and_a_config_object_and_returns_a_run_load_opens(t
     assert run.load().step == 3 and flows.load(run.path).config.model.hidden == [4, 4]
     assert [r["step"] for r in run.metrics if "loss" in r] == [1, 2, 3]
     cfg = load_config(None, tiny_overrides(tmp_path / "b", steps=2))
-    again = flows.train(cfg, train={"mixed_precision": "no"}, objective={"name": "fm"})  # a second Accelerator
-    assert again.config.objective.name == "fm" and again.load().step == 2
+    # a second Accelerator in this process; overrides and sections apply on top of a Config object
+    again = flows.train(
+        cfg, overrides=["train.batch_size=4"], train={"mixed_precision": "no"}, objective={"name": "fm"}
+    )
+    assert again.config.objective.name == "fm" and again.config.train.batch_size == 4 and again.load().step == 2
     resumed = flows.train(run_dir=tmp_path / "b", resume=True, train={"steps": 4})
     assert resumed.load().step == 4
 

@@ -52,23 +52,27 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
-        solver = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps, chunk=args.chunk)
-        model.solver(args.method, args.atol, args.rtol, args.steps)  # bad values: an error before any work
+        solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
+        model.solver(**solve)  # bad values: an error before any work
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         if args.encode:
             raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
             check_shape(raw, model.shape, args.data or "test split")
             mine = raw[: args.n][acc.process_index :: acc.num_processes]
-            x, info = model.encode(mine, return_info=True, progress=acc.is_local_main_process, **solver)
+            x, info = model.encode(
+                mine, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+            )
             start = mine
         else:
             share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
             gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
-            x, info = model.sample(share, generator=gen, return_info=True, progress=acc.is_local_main_process, **solver)
+            x, info = model.sample(
+                share, generator=gen, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+            )
             start = info["noise"]
-        mean_straightness = info["straightness"] * len(x)
+        straightness_sum = info["straightness"] * len(x)  # this process's mean, weighted to combine them
         parts = gather_object(
-            [(x.cpu(), start.cpu(), info["kinetic"].cpu(), info["nfe"], info["seconds"], mean_straightness)]
+            [(x.cpu(), start.cpu(), info["kinetic"].cpu(), info["nfe"], info["seconds"], straightness_sum)]
         )
         if not acc.is_main_process:
             return
@@ -115,14 +119,14 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
     from flows.report import grid_log_density, save_grid
 
     written = []
-    if model.levels is not None and model.config.data.name == "digits" or len(model.shape) == 3:
+    if len(model.shape) == 3 or model.config.data.name == "digits":  # images, or digits as 64-D vectors
         images = data[:64].reshape(-1, *(model.shape if len(model.shape) == 3 else (1, 8, 8)))
-        written.append(save_grid(images / (model.levels - 1 if model.levels else 1), out / "samples_grid.png"))
+        written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png"))  # levels → [0, 1]
     if model.dim != 2:
         return written
-    options = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
+    solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
     reference = build_data(model.config.data).test.numpy()
-    lp, extent = grid_log_density(model, reference, args.chunk, **options)
+    lp, extent = grid_log_density(model, reference, args.chunk, **solve)
     title = f"{len(data):,} samples, NFE {summary['nfe']}, straightness {summary['straightness']:.3f}"
     written.append(plot_2d(out / "samples.png", reference, data.numpy(), lp, extent, title))
     if args.trajectories:
@@ -130,7 +134,7 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
         gen = torch.Generator(device).manual_seed(args.seed + 7)
         z = torch.randn(args.trajectories, 2, generator=gen, device=device)
         times = torch.linspace(0, 1, 60, device=device)
-        path, _ = solve_path(model.field, z, times, model.solver(**options))
+        path, _ = solve_path(model.field, z, times, model.solver(**solve))
         path = model.preprocess.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())
         written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]

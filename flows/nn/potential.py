@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.nn.embedding import time_rows
@@ -29,12 +30,9 @@ __all__ = ["Potential", "log_cosh"]
 
 
 def log_cosh(a: Tensor) -> Tensor:
-    """σ(a) = log cosh a, computed without overflow: |a| + log(1 + e^{−2|a|}) − log 2.
-
-    e^{−2|a|} is floored at e^{−40} (a change below 1e-17): denormal floats from exp's underflow made
-    trained potentials 2-3x slower on CPU."""
+    """σ(a) = log cosh a, computed without overflow: |a| + log(1 + e^{−2|a|}) − log 2."""
     a = a.abs()
-    return a + torch.log1p(torch.exp((-2 * a).clamp_min(-40))) - math.log(2)
+    return a + F.softplus(-2 * a) - math.log(2)
 
 
 class Potential(nn.Module):
