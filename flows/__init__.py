@@ -9,7 +9,7 @@
 from flows.api import Run, load, train
 from flows.config import Config, load_config
 from flows.errors import CheckpointError, ConfigError, DataError, FlowsError, SolverError, TrainingAborted
-from flows.model import Flow
+from flows.flow import Flow
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from flows import checkpoint
-from flows.config import Config, load_config, to_dict
-from flows.errors import ConfigError
-from flows.model import Flow
+from flows.config import Config, load_config
+from flows.errors import CheckpointError, ConfigError
+from flows.flow import Flow
+from flows.flowfile import read
+from flows.training import train as run_training
 
 __all__ = ["load", "train", "Run"]
 
@@ -36,9 +37,14 @@ def load(run: str | os.PathLike, weights: str = "ema", device: torch.device | st
         device: where to put it (default: the CPU; ``Flow.to`` moves it later).
 
     Returns:
-        A :class:`flows.Flow`. Safe on untrusted files: nothing is unpickled.
+        A :class:`flows.Flow` whose ``config`` is the run's :class:`flows.Config`. Safe on untrusted files:
+        nothing is unpickled.
     """
-    flow = checkpoint.load(os.fspath(run), weights)
+    flow = read(os.fspath(run), weights)
+    try:
+        flow.config = load_config(flow.config, lenient=True)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{flow.path}' has unreadable metadata: {e}") from None
     return flow.to(device) if device is not None else flow
 
 
@@ -85,8 +91,6 @@ def train(
     Returns:
         The :class:`Run`: its directory, config and final held-out evaluation.
     """
-    from flows.training import train as run_training
-
     if resume:
         if config is not None or run_dir is None:
             raise ConfigError("flows.train(resume=True) takes run_dir=... and no config (the run keeps its own).")
@@ -94,7 +98,6 @@ def train(
     updates: dict[str, Any] = dict(sections)
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
-    base = to_dict(config) if isinstance(config, Config) else config
-    cfg = load_config(base, overrides, updates)
+    cfg = load_config(config, overrides, updates)
     result = run_training(cfg, resume=resume)
     return Run(Path(cfg.run_dir), cfg, result or {})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flows.errors import unknown_value
+
 __all__ = ["divergence_exact", "divergence_hutchinson", "draw_probe"]
 
 
@@ -57,4 +59,4 @@ def draw_probe(x: Tensor, kind: str, generator: torch.Generator | None = None) -
         return bits.to(x.dtype) * 2 - 1
     if kind == "gaussian":
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    raise ValueError(f"unknown probe {kind!r}: use 'rademacher' or 'gaussian'")
+    unknown_value("probe", str(kind), ["rademacher", "gaussian"])

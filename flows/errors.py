@@ -1,6 +1,18 @@
 """Exceptions that carry a user-facing message. The CLIs print them and exit non-zero."""
 
-__all__ = ["FlowsError", "ConfigError", "DataError", "CheckpointError", "SolverError", "TrainingAborted"]
+import difflib
+from collections.abc import Iterable
+from typing import NoReturn
+
+__all__ = [
+    "FlowsError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "SolverError",
+    "TrainingAborted",
+    "unknown_value",
+]
 
 
 class FlowsError(Exception):
@@ -25,3 +37,11 @@ class SolverError(FlowsError):
 
 class TrainingAborted(FlowsError):
     """Training stopped on purpose (e.g. too many non-finite steps); a checkpoint was saved."""
+
+
+def unknown_value(key: str, value: str, valid: Iterable[str]) -> NoReturn:
+    """Raise a ConfigError for a value outside ``valid``, naming the nearest valid one."""
+    valid = list(valid)
+    near = difflib.get_close_matches(value, valid, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    raise ConfigError(f"{key}: unknown value '{value}'.{hint} Valid: {', '.join(valid)}.")

@@ -1,70 +1,27 @@
-"""How a likelihood is computed and reported: per point, over processes, with error bars.
+"""Likelihoods over processes, with error bars: the application side of ``Flow.log_prob``.
 
-``point_log_likelihood`` is the one per-point routine (``Flow.log_prob`` batches it);
-``gathered_log_prob`` splits points over Accelerate's processes and gathers them in input order (the
-trainer's periodic and final evaluations and ``evaluate.py`` both use it); ``summarize`` turns log p
-into NLL ± standard error (and bits/dim); ``tolerance_check`` re-solves at tighter tolerances.
-
-Per data point: log p in the reporting space (after dequantization / standardization), averaged
-over ``probes`` Hutchinson probes (an unbiased estimate of log p, since the trajectory does not
-depend on the probe) and importance-weighted over ``deq_samples`` uniform dequantizations,
-log P(v) ≥ log (1/K Σ_k p(y_k)) (the K-sample bound used by flow matching and Flow++).
+``gathered_log_prob`` splits points over Accelerate's processes, calls ``Flow.log_prob`` on each share
+and gathers the results in input order (the trainer's periodic and final evaluations and
+``evaluate.py`` both use it); ``summarize`` turns log p into NLL ± standard error (and bits/dim);
+``tolerance_check`` re-solves at tighter tolerances.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from flows.config import FIXED_STEP_METHODS, SolverConfig
-from flows.data.preprocess import Preprocess
 from flows.errors import FlowsError
-from flows.likelihood import log_prob
+from flows.flow import Flow
+from flows.ode import FIXED_STEP_METHODS
 
-if TYPE_CHECKING:
-    from flows.model import Flow
-
-__all__ = ["EvalOptions", "point_log_likelihood", "gathered_log_prob", "summarize", "tolerance_check"]
-
-
-@dataclass
-class EvalOptions:
-    solver: SolverConfig
-    trace: str = "exact"  # exact | hutchinson
-    probes: int = 1  # Hutchinson probes per point
-    probe: str = "rademacher"
-    deq_samples: int = 1  # dequantization samples per point (discrete data)
-
-
-@torch.no_grad()
-def point_log_likelihood(
-    field: nn.Module, raw: Tensor, pre: Preprocess, opts: EvalOptions, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, int]:
-    """log p of each raw point in the reporting space.
-
-    Returns (log p (B,), variance over probes of the per-probe estimates (B,), NFE), on raw's device;
-    ``generator``, if given, must live on that device too.
-    """
-    probes = opts.probes if opts.trace == "hutchinson" else 1
-    deq = opts.deq_samples if pre.levels is not None else 1
-    b = raw.shape[0]
-    reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
-    noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
-    x = pre(reps, noise=noise)
-    res = log_prob(field, x, opts.solver, opts.trace, opts.probe, generator=generator)
-    lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
-    var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
-    lp = lp.mean(1)  # unbiased over probes
-    lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
-    return lp, var, res.nfe.forward
+__all__ = ["gathered_log_prob", "summarize", "tolerance_check"]
 
 
 @torch.no_grad()
@@ -84,9 +41,7 @@ def gathered_log_prob(
     probe variance (N,), info: ``nfe`` per solve, ``seconds``, and the options ``Flow.log_prob`` used).
     One collective per call: shares are padded to equal size and gathered.
     """
-    from flows.model import options_info
-
-    info = options_info(flow.eval_options(**options))
+    info = flow.log_prob_options(**options)
     n, procs, rank = len(raw), acc.num_processes, acc.process_index
     per = -(-n // procs)  # each process takes a contiguous share of at most ``per`` points
     mine = torch.arange(rank * per, min(n, (rank + 1) * per), device="cpu")
@@ -130,25 +85,21 @@ def summarize(lp: Tensor, var: Tensor, probes: int, dim: int, levels: int | None
 
 
 @torch.no_grad()
-def tolerance_check(
-    field: nn.Module, raw: Tensor, pre: Preprocess, opts: EvalOptions, factor: float = 100.0, seed: int = 0
-) -> dict[str, float]:
+def tolerance_check(flow: Flow, raw: Tensor, factor: float = 100.0, seed: int = 0, **options: Any) -> dict[str, Any]:
     """Re-solve ``raw`` with tolerances ``factor`` times tighter (same probes and dequantization noise);
-    a fixed-step solve is compared with dopri5 at atol = rtol = 1e-7.
+    a fixed-step solve is compared with dopri5 at atol = rtol = 1e-7. ``options``: as ``Flow.log_prob``'s.
 
     Returns the largest and mean absolute change of log p, and the change of the mean.
     """
-    if opts.solver.method in FIXED_STEP_METHODS:
-        tight = SolverConfig("dopri5", 1e-7, 1e-7, adjoint=False, max_steps=opts.solver.max_steps)
+    solver = flow.log_prob_options(**options)["solver"]
+    if solver["method"] in FIXED_STEP_METHODS:
+        tight = {"method": "dopri5", "atol": 1e-7, "rtol": 1e-7, "steps": None}
     else:
-        tight = dataclasses.replace(opts.solver, atol=opts.solver.atol / factor, rtol=opts.solver.rtol / factor)
-    base, _, _ = point_log_likelihood(field, raw, pre, opts, torch.Generator(raw.device).manual_seed(seed))
-    ref, _, nfe = point_log_likelihood(
-        field,
-        raw,
-        pre,
-        EvalOptions(tight, opts.trace, opts.probes, opts.probe, opts.deq_samples),
-        torch.Generator(raw.device).manual_seed(seed),
+        tight = {"method": solver["method"], "atol": solver["atol"] / factor, "rtol": solver["rtol"] / factor}
+    generator = torch.Generator(raw.device)
+    base = flow.log_prob(raw, generator=generator.manual_seed(seed), batch_size=len(raw), **options)
+    ref, info = flow.log_prob(
+        raw, generator=generator.manual_seed(seed), batch_size=len(raw), return_info=True, **{**options, **tight}
     )
     delta = (base - ref).abs()
     return {
@@ -156,8 +107,8 @@ def tolerance_check(
         "mean_abs_change": delta.mean().item(),
         "mean_change": (base - ref).mean().item(),
         "n": len(raw),
-        "method": tight.method,
-        "atol": tight.atol,
-        "rtol": tight.rtol,
-        "nfe": nfe,
+        "method": info["solver"]["method"],
+        "atol": info["solver"]["atol"],
+        "rtol": info["solver"]["rtol"],
+        "nfe": info["nfe"],
     }

@@ -1,31 +1,36 @@
-"""Log-likelihood of data under a CNF: solve the augmented ODE from data (t=1) to base (t=0).
+"""Log-likelihood of points under a CNF: solve the augmented ODE from data (t=1) to base (t=0).
 
-log p₁(x) = log N(z; 0, I) − ∫₀¹ div v(x_t, t) dt, with z = x₀. Training (maximum likelihood)
-and evaluation share this one code path; they differ only in options.
+log p₁(x) = log N(z; 0, I) − ∫₀¹ div v(x_t, t) dt, with z = x₀. This is the one log-density
+routine: maximum likelihood trains on it (with the transport regularizers) and :meth:`flows.Flow.log_prob`
+evaluates with it (adding the preprocessing's log-determinant, probes and dequantization samples).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor, nn
 
-from flows.config import SolverConfig
-from flows.ode import NFE, solve
+from flows.errors import FlowsError
+from flows.ode import NFE, SolverOptions, solve
 
-__all__ = ["LogProb", "log_prob", "standard_normal_log_prob", "log_prob_chunked", "auto_trace"]
+__all__ = ["LogProb", "log_prob", "standard_normal_log_prob", "auto_trace"]
 
 
-def auto_trace(trace: str, dim: int, model: str) -> str:
-    """Resolve ``trace="auto"``: the exact trace (D vector-Jacobian products per evaluation) for MLPs up to
-    64 dimensions; Hutchinson otherwise (a U-Net's 64 VJPs on 8x8 digits cost 7 s per evaluation of 359 images)."""
-    if model == "potential":  # its divergence is exact and closed-form at any dimension: never a probe
+def auto_trace(trace: str, field: nn.Module, shape: tuple[int, ...]) -> str:
+    """Resolve ``trace="auto"``: the exact trace (D vector-Jacobian products per evaluation) for vector fields
+    up to 64 dimensions; Hutchinson otherwise (a U-Net's 64 VJPs on 8x8 digits cost 7 s per evaluation of
+    359 images). A field with an analytic divergence (the potential) is always exact: it uses no probe."""
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise FlowsError(f"trace must be 'auto', 'exact' or 'hutchinson' (got {trace!r})")
+    if getattr(field, "analytic_divergence", False):
         return "exact"
     if trace != "auto":
         return trace
-    return "exact" if dim <= 64 and model == "mlp" else "hutchinson"
+    return "exact" if len(shape) == 1 and shape[0] <= 64 else "hutchinson"
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -46,31 +51,34 @@ class LogProb:
 def log_prob(
     field: nn.Module,
     x: Tensor,
-    solver: SolverConfig,
+    *,
     trace: str = "exact",
     probe: str = "rademacher",
     kinetic: bool = False,
     jacobian: bool = False,
-    generator: torch.Generator | None = None,
     hjb: bool = False,
+    generator: torch.Generator | None = None,
+    **solver: Unpack[SolverOptions],
 ) -> LogProb:
-    """log p(x) under the flow of ``field`` with a standard-normal base at t=0."""
-    sol = solve(field, x, 1.0, 0.0, solver, trace, probe, kinetic, jacobian, generator, hjb)
+    """log p(x) (B,) of model-space points x (B, *shape) under the flow of ``field`` with a standard-normal
+    base at t=0, and the regularizers asked for. ``solver``: :class:`flows.ode.SolverOptions`."""
+    sol = solve(
+        field,
+        x,
+        1.0,
+        0.0,
+        trace=trace,
+        probe=probe,
+        kinetic=kinetic,
+        jacobian=jacobian,
+        hjb=hjb,
+        generator=generator,
+        **solver,
+    )
     # integrating backwards in time flips the sign of every integral: ∫₁⁰ f = −∫₀¹ f
     lp = standard_normal_log_prob(sol.x) + sol.divergence
-    kin = -sol.kinetic if sol.kinetic is not None else None
-    jac = -sol.jacobian if sol.jacobian is not None else None
-    return LogProb(lp, sol.x, kin, jac, sol.nfe, -sol.hjb if sol.hjb is not None else None)
 
+    def flip(integral: Tensor | None) -> Tensor | None:
+        return -integral if integral is not None else None
 
-@torch.no_grad()
-def log_prob_chunked(
-    field: nn.Module, x: Tensor, solver: SolverConfig, trace: str, chunk: int, **kwargs
-) -> tuple[Tensor, int]:
-    """log p of many points in chunks of ``chunk`` (bounded memory). Returns (log p, total NFE)."""
-    out, nfe = [], 0
-    for part in x.split(chunk):
-        res = log_prob(field, part, solver, trace, **kwargs)
-        out.append(res.log_prob)
-        nfe += res.nfe.forward
-    return torch.cat(out), nfe
+    return LogProb(lp, sol.x, flip(sol.kinetic), flip(sol.jacobian), sol.nfe, flip(sol.hjb))

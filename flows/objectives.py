@@ -1,63 +1,114 @@
-"""Training objectives: modules whose ``forward(x)`` returns ``(loss, stats)``.
+"""Training objectives: modules whose ``forward(x, draws)`` returns ``(loss, stats)``.
 
-Accelerate wraps the objective (not the field) for DDP; the field inside stays unwrapped so the
-adjoint sees the real parameters. Objectives know nothing of Accelerate.
+Each kind registers its name, its settings (the ``objective.*`` keys of that kind) and its
+capabilities here. Accelerate wraps the objective (not the field) for DDP; the field inside stays
+unwrapped so the adjoint sees the real parameters. Objectives know nothing of Accelerate or of the
+config module: solver settings arrive as plain keywords.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from flows.config import ObjectiveConfig, SolverConfig
 from flows.coupling import COUPLINGS
+from flows.errors import ConfigError, unknown_value
 from flows.likelihood import log_prob
+from flows.nn import FieldKind
+from flows.ode import SolverOptions
 from flows.paths import SCHEDULERS, AffinePath, sample_time
 
-__all__ = ["MaximumLikelihood", "FlowMatching", "build_objective"]
+__all__ = [
+    "MaximumLikelihood",
+    "FlowMatching",
+    "MLESettings",
+    "FMSettings",
+    "ObjectiveKind",
+    "OBJECTIVES",
+    "objective_kind",
+    "build_objective",
+]
+
+
+@dataclass
+class MLESettings:
+    """``objective.*`` for ``objective.name=mle``: maximum likelihood (FFJORD) with RNODE / OT-Flow terms."""
+
+    name: Literal["mle"] = "mle"
+    trace: Literal["exact", "hutchinson"] = "exact"
+    probe: Literal["rademacher", "gaussian"] = "rademacher"
+    kinetic: float = 0.0  # weight of the kinetic energy  ∫‖v‖² dt  (RNODE)
+    jacobian: float = 0.0  # weight of the Jacobian Frobenius norm  ∫‖∂v/∂x‖²_F dt  (RNODE)
+    hjb: float = 0.0  # a field with an analytic divergence (potential): weight of ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow)
+
+    def check(self, field: FieldKind, prefix: str = "objective.") -> None:
+        for name in ("kinetic", "jacobian", "hjb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"invalid config value: {prefix}{name} must be >= 0.")
+        if self.hjb and not field.analytic_divergence:
+            raise ConfigError(
+                f"invalid config value: {prefix}hjb is the HJB penalty of a potential field: set "
+                f"model.name=potential or {prefix}hjb=0."
+            )
+        if self.jacobian and field.analytic_divergence:
+            raise ConfigError(
+                f"invalid config value: {prefix}jacobian needs vector-Jacobian products, which a potential field "
+                f"does not use: regularize it with {prefix}hjb (and {prefix}kinetic) instead."
+            )
+
+
+@dataclass
+class FMSettings:
+    """``objective.*`` for ``objective.name=fm``: flow matching."""
+
+    name: Literal["fm"] = "fm"
+    path: Literal["condot", "cosine"] = "condot"  # linear (conditional OT) or variance-preserving cosine
+    coupling: Literal["independent", "ot"] = "independent"  # ot: minibatch optimal transport
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+    def check(self, field: FieldKind, prefix: str = "objective.") -> None:
+        if self.logit_normal_std <= 0:
+            raise ConfigError(f"invalid config value: {prefix}logit_normal_std must be > 0.")
 
 
 class MaximumLikelihood(nn.Module):
     """−log p(x) + λ_K ∫‖v‖²dt + λ_J ∫‖∂v/∂x‖²_F dt  (FFJORD with RNODE regularization);
     for a potential field, + λ_HJB ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow's HJB penalty) instead of the Jacobian term."""
 
-    def __init__(self, field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig):
+    def __init__(self, field: nn.Module, settings: MLESettings, solver: SolverOptions):
         super().__init__()
-        self.field, self.solver, self.cfg = field, solver, cfg
+        self.field, self.settings, self.solver = field, settings, dict(solver)
 
     def draw(self, x: Tensor) -> dict[str, Tensor]:
         """The step's random draws (none here: a Hutchinson probe is drawn inside each solve)."""
         return {}
 
     def forward(self, x: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
-        cfg = self.cfg
+        s = self.settings
         res = log_prob(
             self.field,
             x,
-            self.solver,
-            cfg.trace,
-            cfg.probe,
-            kinetic=cfg.kinetic > 0,
-            jacobian=cfg.jacobian > 0,
-            hjb=cfg.hjb > 0,
+            trace=s.trace,
+            probe=s.probe,
+            kinetic=s.kinetic > 0,
+            jacobian=s.jacobian > 0,
+            hjb=s.hjb > 0,
+            **self.solver,
         )
         nll = -res.log_prob.mean()
         loss = nll
         stats: dict[str, Any] = {"nll": nll.detach(), "nfe": res.nfe}
-        if res.kinetic is not None:
-            kinetic = res.kinetic.mean()
-            loss = loss + cfg.kinetic * kinetic
-            stats["kinetic"] = kinetic.detach()
-        if res.jacobian is not None:
-            jacobian = res.jacobian.mean()
-            loss = loss + cfg.jacobian * jacobian
-            stats["jacobian"] = jacobian.detach()
-        if res.hjb is not None:
-            hjb = res.hjb.mean()
-            loss = loss + cfg.hjb * hjb
-            stats["hjb"] = hjb.detach()
+        for name, integral in (("kinetic", res.kinetic), ("jacobian", res.jacobian), ("hjb", res.hjb)):
+            if integral is not None:
+                mean = integral.mean()
+                loss = loss + getattr(s, name) * mean
+                stats[name] = mean.detach()
         return loss, stats
 
 
@@ -68,11 +119,11 @@ class FlowMatching(nn.Module):
     Vectors and images alike; under mixed precision the loss itself is computed in float32.
     """
 
-    def __init__(self, field: nn.Module, cfg: ObjectiveConfig, compile: bool = False):
+    def __init__(self, field: nn.Module, settings: FMSettings, compile: bool = False):
         super().__init__()
-        self.field, self.cfg = field, cfg
-        self.path = AffinePath(SCHEDULERS[cfg.path]())
-        self.coupling = COUPLINGS[cfg.coupling]
+        self.field, self.settings = field, settings
+        self.path = AffinePath(SCHEDULERS[settings.path]())
+        self.coupling = COUPLINGS[settings.coupling]
         # torch.compile'd field for the regression; kept out of the module tree (set through __dict__) so
         # that state dicts and checkpoints hold the plain field's keys and load with or without compile
         self.__dict__["_forward_field"] = torch.compile(field) if compile else field
@@ -80,9 +131,9 @@ class FlowMatching(nn.Module):
     def draw(self, x1: Tensor) -> dict[str, Tensor]:
         """The noise x₀ and the times t for a batch, one row per sample: drawn for a whole batch, then sliced
         into micro-batches (gradient accumulation), they give the same per-sample draws as one batch."""
-        cfg = self.cfg
+        s = self.settings
         x0 = torch.randn_like(x1)
-        t = sample_time(len(x1), cfg.time_sampling, cfg.logit_normal_mean, cfg.logit_normal_std, x1.device)
+        t = sample_time(len(x1), s.time_sampling, s.logit_normal_mean, s.logit_normal_std, x1.device)
         return {"x0": x0, "t": t}
 
     def forward(self, x1: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
@@ -94,14 +145,40 @@ class FlowMatching(nn.Module):
         return loss, {}
 
 
-def build_objective(field: nn.Module, solver: SolverConfig, cfg: ObjectiveConfig, compile: bool = False) -> nn.Module:
-    """``compile``: flow matching only (maximum likelihood needs a double backward, which compile does not do)."""
-    if cfg.name == "mle":
-        return MaximumLikelihood(field, solver, cfg)
-    if cfg.name == "fm":
-        return FlowMatching(field, cfg, compile)
-    raise ValueError(f"unknown objective {cfg.name!r}")
+@dataclass(frozen=True)
+class ObjectiveKind:
+    name: str
+    settings: type  # a dataclass: this kind's keys, and ``check(field_kind, prefix)``
+    build: Callable[[nn.Module, Any, SolverOptions, bool], nn.Module]  # (field, settings, solver, compile)
+    solves_ode: bool  # an ODE solve (and a double backward) in the loss: float32 only, no torch.compile
+    title: str  # what it is, for messages
 
 
-def nonfinite(t: Tensor) -> bool:
-    return not bool(torch.isfinite(t).all())
+OBJECTIVES: dict[str, ObjectiveKind] = {}
+
+
+def _register(kind: ObjectiveKind) -> None:
+    OBJECTIVES[kind.name] = kind
+
+
+_register(
+    ObjectiveKind(
+        "mle", MLESettings, lambda f, s, solver, c: MaximumLikelihood(f, s, solver), True, "maximum likelihood"
+    )
+)
+_register(ObjectiveKind("fm", FMSettings, lambda f, s, solver, c: FlowMatching(f, s, c), False, "flow matching"))
+
+
+def objective_kind(name: str) -> ObjectiveKind:
+    if name not in OBJECTIVES:
+        unknown_value("objective.name", name, list(OBJECTIVES))
+    return OBJECTIVES[name]
+
+
+def build_objective(field: nn.Module, settings: Any, solver: SolverOptions, compile: bool = False) -> nn.Module:
+    """The objective of ``settings`` (a kind's settings) around ``field``; ``solver``: the training solve's options.
+    ``compile`` only where the kind solves no ODE in its loss (torch.compile has no double backward)."""
+    kind = objective_kind(settings.name)
+    if compile and kind.solves_ode:
+        raise ConfigError(f"torch.compile is not available for {kind.title}: its loss needs a double backward.")
+    return kind.build(field, settings, solver, compile)

@@ -1,27 +1,89 @@
 """The one module that calls torchdiffeq.
 
-``solve(field, x, t0, t1, solver, ...)`` integrates dx/dt = v(x, t) together with the optional
-integrals the objectives need: the divergence (for the log-density change), the kinetic energy
-∫‖v‖²dt and the Jacobian Frobenius norm ∫‖∂v/∂x‖²_F dt. Only x and the log-density enter
-step-size control (the regularizers are plain integrals); the adjoint uses seminorms.
-Solver settings are data passed per call; nothing is stored on the field.
+``solve(field, x, t0, t1, trace=..., kinetic=..., method=..., atol=...)`` integrates dx/dt = v(x, t)
+together with the integrals the objectives need, each named in the result: the divergence (for the
+log-density change), the kinetic energy ∫‖v‖²dt, the Jacobian Frobenius norm ∫‖∂v/∂x‖²_F dt and, for a
+potential field, the HJB residual. Only x and the log-density enter step-size control (the
+regularizers are plain integrals); the adjoint uses seminorms. Solver settings are plain keywords
+(:class:`SolverOptions`) passed per call; nothing is stored on the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flows.config import FIXED_STEP_METHODS, SolverConfig
 from flows.divergence import divergence_exact, divergence_hutchinson, draw_probe
-from flows.errors import SolverError
+from flows.errors import ConfigError, SolverError, unknown_value
 
-__all__ = ["NFE", "Solution", "solve", "solve_path"]
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "FIXED_STEP_METHODS",
+    "SOLVER_METHODS",
+    "SolverOptions",
+    "solver_options",
+    "check_method",
+    "NFE",
+    "Solution",
+    "Dynamics",
+    "solve",
+    "solve_path",
+]
 
-FIXED_STEP = frozenset(FIXED_STEP_METHODS)
+# torchdiffeq's methods (tests/test_config_data.py checks this list against torchdiffeq's own);
+# scipy_solver is left out: it needs options of its own that these settings do not carry
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+SOLVER_METHODS = (*ADAPTIVE_METHODS, *FIXED_STEP_METHODS)
+
+
+class SolverOptions(TypedDict, total=False):
+    """The solver keywords every solve takes (defaults in :data:`DEFAULTS`)."""
+
+    method: str  # a torchdiffeq method: adaptive (dopri5, ...) or fixed-step (rk4, euler, ...)
+    atol: float  # adaptive methods' tolerances
+    rtol: float
+    step_size: float | None  # fixed-step methods (None: one step per output time)
+    adjoint: bool  # gradients by the adjoint (O(1) memory) instead of backprop through the solver
+    max_steps: int  # adaptive methods give up (with a SolverError) past this
+
+
+DEFAULTS: SolverOptions = {
+    "method": "dopri5",
+    "atol": 1e-5,
+    "rtol": 1e-5,
+    "step_size": None,
+    "adjoint": False,
+    "max_steps": 10_000,
+}
+
+
+def solver_options(**options: Unpack[SolverOptions]) -> SolverOptions:
+    """``options`` checked and completed with :data:`DEFAULTS` (an unknown keyword or a bad value: ConfigError)."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown solver option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}.")
+    out: SolverOptions = {**DEFAULTS, **options}  # type: ignore[typeddict-item]
+    check_method(out["method"], "method")
+    if not (out["atol"] > 0 and out["rtol"] > 0):
+        raise ConfigError(f"atol and rtol must be > 0 (got {out['atol']}, {out['rtol']}).")
+    if out["step_size"] is not None and out["step_size"] <= 0:
+        raise ConfigError(f"step_size must be > 0 (got {out['step_size']}).")
+    if out["max_steps"] <= 0:
+        raise ConfigError(f"max_steps must be > 0 (got {out['max_steps']}).")
+    return out
+
+
+def check_method(method: str, key: str = "method") -> str:
+    """``method`` if torchdiffeq has it, else a ConfigError naming ``key`` and the valid methods."""
+    if method not in SOLVER_METHODS:
+        unknown_value(key, method, SOLVER_METHODS)
+    return method
 
 
 @dataclass
@@ -38,70 +100,69 @@ class NFE:
 
 @dataclass
 class Solution:
+    """The result of one solve: the end state and each integral that was asked for (else None)."""
+
     x: Tensor  # state at t1
-    divergence: Tensor | None  # ∫_{t0}^{t1} div v dt, (B,)
-    kinetic: Tensor | None  # ∫_{t0}^{t1} ‖v‖² dt, (B,)
-    jacobian: Tensor | None  # ∫_{t0}^{t1} ‖∂v/∂x‖²_F dt, (B,)
-    nfe: NFE = field(default_factory=NFE)
+    divergence: Tensor | None = None  # ∫_{t0}^{t1} div v dt, (B,)
+    kinetic: Tensor | None = None  # ∫_{t0}^{t1} ‖v‖² dt, (B,)
+    jacobian: Tensor | None = None  # ∫_{t0}^{t1} ‖∂v/∂x‖²_F dt, (B,)
     hjb: Tensor | None = None  # ∫_{t0}^{t1} |∂ₜΦ − ½‖∇ₓΦ‖²| dt, (B,): potential fields only
+    nfe: NFE = field(default_factory=NFE)
 
 
-class _Dynamics(nn.Module):
-    """Augmented dynamics for one solve (built per call: the probe is drawn once per solve).
+INTEGRALS = ("divergence", "kinetic", "jacobian", "hjb")  # the order of the augmented state after x
 
-    A field with ``analytic_divergence`` (the potential) supplies ``dynamics(x, t) -> (v, div v, ∂ₜΦ)``
-    itself: its divergence is exact whatever ``trace`` asks for, and no probe or VJP is used.
+
+class Dynamics(nn.Module):
+    """Augmented dynamics ``(t, (x, *integrals)) -> (v, *their rates)`` for one solve.
+
+    Build one per solve (a Hutchinson probe is drawn once per solve). ``integrals`` names what is
+    integrated besides x, in :data:`INTEGRALS` order. A field with ``analytic_divergence`` (the
+    potential) supplies ``dynamics(x, t) -> (v, div v, ∂ₜΦ)`` itself: its divergence is exact whatever
+    ``trace`` asks for, and no probe or VJP is used. Public so that benchmarks can time one evaluation.
     """
 
     def __init__(
         self,
         field: nn.Module,
-        trace: str | None,
-        probe: Tensor | None,
-        kinetic: bool,
-        jacobian: bool,
-        nfe: NFE,
-        hjb: bool = False,
+        integrals: tuple[str, ...] = (),
+        trace: str = "exact",
+        probe: Tensor | None = None,
+        nfe: NFE | None = None,
     ):
         super().__init__()
-        self.field, self.trace, self.probe = field, trace, probe
-        self.kinetic, self.jacobian, self.nfe, self.hjb = kinetic, jacobian, nfe, hjb
+        self.field, self.integrals, self.trace, self.probe = field, integrals, trace, probe
+        self.nfe = nfe if nfe is not None else NFE()
         self.analytic = getattr(field, "analytic_divergence", False)
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe.total += 1
         x = state[0]
         t = t.expand(x.shape[0])
-        if self.analytic and (self.trace is not None or self.hjb):
-            v, div, phi_t = self.field.dynamics(x, t)
-            out = [v]
-            if self.trace is not None:
-                out.append(div)
-            if self.kinetic:
-                out.append(v.pow(2).sum(1))
-            if self.hjb:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
-                out.append((phi_t - 0.5 * v.pow(2).sum(1)).abs())
-            return tuple(out)
-        if self.trace is None and not self.jacobian:
+        wanted = self.integrals
+        rates: dict[str, Tensor | None] = {}
+        if self.analytic and ("divergence" in wanted or "hjb" in wanted):
+            v, rates["divergence"], phi_t = self.field.dynamics(x, t)
+            if "hjb" in wanted:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
+                rates["hjb"] = (phi_t - 0.5 * v.pow(2).sum(1)).abs()
+        elif "divergence" not in wanted and "jacobian" not in wanted:
             v = self.field(x, t)
-            return (v,) + ((v.pow(2).flatten(1).sum(1),) if self.kinetic else ())
-        create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
-        with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            v = self.field(x, t)
-            if self.trace == "exact":
-                div, frob = divergence_exact(v, x, create_graph, self.jacobian)
-            else:
-                div, frob = divergence_hutchinson(v, x, self.probe, create_graph, self.jacobian)
-        out = [v]
-        if self.trace is not None:
-            out.append(div)
-        if self.kinetic:
-            out.append(v.pow(2).flatten(1).sum(1))
-        if self.jacobian:
-            out.append(frob)
-        return tuple(out)
+        else:
+            create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
+            with torch.enable_grad():
+                if not x.requires_grad:
+                    x = x.detach().requires_grad_(True)
+                v = self.field(x, t)
+                frobenius = "jacobian" in wanted
+                if self.trace == "exact":
+                    rates["divergence"], rates["jacobian"] = divergence_exact(v, x, create_graph, frobenius)
+                else:
+                    rates["divergence"], rates["jacobian"] = divergence_hutchinson(
+                        v, x, self.probe, create_graph, frobenius
+                    )
+        if "kinetic" in wanted:
+            rates["kinetic"] = v.pow(2).flatten(1).sum(1)
+        return (v, *(rates[name] for name in wanted))
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -113,91 +174,108 @@ def solve(
     x: Tensor,
     t0: float,
     t1: float,
-    solver: SolverConfig,
+    *,
     trace: str | None = None,
     probe: str = "rademacher",
     kinetic: bool = False,
     jacobian: bool = False,
-    generator: torch.Generator | None = None,
     hjb: bool = False,
+    generator: torch.Generator | None = None,
+    **solver: Unpack[SolverOptions],
 ) -> Solution:
-    """Integrate x from t0 to t1 under ``field`` with the requested integrals.
+    """Integrate x (B, *shape) from t0 to t1 under ``field`` with the requested integrals.
 
-    trace: None, "exact" or "hutchinson" (the probe is drawn once for this solve).
-    jacobian needs a trace (it reuses its vector-Jacobian products); hjb needs a potential field.
+    Args:
+        trace: None, ``"exact"`` or ``"hutchinson"``: integrate the divergence (the probe, ``"rademacher"``
+            or ``"gaussian"``, is drawn once for this solve with ``generator``).
+        kinetic, jacobian, hjb: also integrate ‖v‖², ‖∂v/∂x‖²_F (needs a trace and a field without an
+            analytic divergence: it reuses the trace's vector-Jacobian products) or the HJB residual
+            (a potential field).
+        **solver: :class:`SolverOptions` (method, atol, rtol, step_size, adjoint, max_steps).
+
+    Returns:
+        A :class:`Solution` with ``x`` at t1 and each integral asked for, (B,) each.
     """
+    options = solver_options(**solver)
     analytic = getattr(field, "analytic_divergence", False)
+    if trace not in (None, "exact", "hutchinson"):
+        unknown_value("trace", str(trace), ["exact", "hutchinson"])
     if jacobian and (trace is None or analytic):
-        raise ValueError("the Jacobian regularizer needs trace='exact' or 'hutchinson' and a non-potential field")
+        raise SolverError(
+            "the Jacobian regularizer needs trace='exact' or 'hutchinson' and a field without an "
+            "analytic divergence (a potential field is regularized by hjb instead)"
+        )
     if hjb and not analytic:
-        raise ValueError("the HJB penalty needs a potential field (model.name=potential)")
+        raise SolverError("the HJB penalty needs a field with an analytic divergence (a potential field)")
+    asked = {"divergence": trace is not None, "kinetic": kinetic, "jacobian": jacobian, "hjb": hjb}
+    integrals = tuple(name for name in INTEGRALS if asked[name])
     eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None
-    nfe = NFE()
-    dynamics = _Dynamics(field, trace, eps, kinetic, jacobian, nfe, hjb)
+    dynamics = Dynamics(field, integrals, trace or "exact", eps)
     zeros = x.new_zeros(x.shape[0])
-    state = (x,) + (zeros,) * (int(trace is not None) + int(kinetic) + int(jacobian) + int(hjb))
+    state = (x,) + (zeros,) * len(integrals)
     n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
 
     def norm(tensors: tuple[Tensor, ...]) -> Tensor:
         return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
 
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    out = _odeint(dynamics, state, times, solver, field, norm)
-    nfe.forward = nfe.total
+    out = _odeint(dynamics, state, times, options, field, norm)
+    dynamics.nfe.forward = dynamics.nfe.total
     finals = [o[-1] for o in out]
-    x1, rest = finals[0], finals[1:]
-    div = rest.pop(0) if trace is not None else None
-    kin = rest.pop(0) if kinetic else None
-    jac = rest.pop(0) if jacobian else None
-    hjb_integral = rest.pop(0) if hjb else None
-    return Solution(x1, div, kin, jac, nfe, hjb_integral)
+    return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
 
 
 def _odeint(
-    dynamics: nn.Module, state: tuple[Tensor, ...], times: Tensor, solver: SolverConfig, field: nn.Module, norm=None
+    dynamics: nn.Module,
+    state: tuple[Tensor, ...],
+    times: Tensor,
+    options: SolverOptions,
+    field: nn.Module,
+    norm: Callable[[tuple[Tensor, ...]], Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
-    kwargs: dict = dict(method=solver.method)
-    if solver.method in FIXED_STEP:
-        if solver.step_size is not None:
-            kwargs["options"] = {"step_size": solver.step_size}
+    method, fixed = options["method"], options["method"] in FIXED_STEP_METHODS
+    kwargs: dict = dict(method=method)
+    if fixed:
+        if options["step_size"] is not None:
+            kwargs["options"] = {"step_size": options["step_size"]}
     else:
-        kwargs.update(atol=solver.atol, rtol=solver.rtol)
-        kwargs["options"] = {"max_num_steps": solver.max_steps} | ({"norm": norm} if norm else {})
+        kwargs.update(atol=options["atol"], rtol=options["rtol"])
+        kwargs["options"] = {"max_num_steps": options["max_steps"]} | ({"norm": norm} if norm else {})
     try:
-        if solver.adjoint and torch.is_grad_enabled():
+        if options["adjoint"] and torch.is_grad_enabled():
             params = tuple(p for p in field.parameters() if p.requires_grad)
             adjoint_options: dict = {"norm": "seminorm"}
-            if solver.method not in FIXED_STEP:
-                adjoint_options["max_num_steps"] = solver.max_steps
-            elif solver.step_size is not None:
-                adjoint_options["step_size"] = solver.step_size
+            if not fixed:
+                adjoint_options["max_num_steps"] = options["max_steps"]
+            elif options["step_size"] is not None:
+                adjoint_options["step_size"] = options["step_size"]
             return odeint_adjoint(
                 dynamics, state, times, adjoint_params=params, adjoint_options=adjoint_options, **kwargs
             )
         return odeint(dynamics, state, times, **kwargs)
     except AssertionError as e:
-        raise solver_error(e, solver) from None
+        raise solver_error(e, options) from None
 
 
-def solve_path(field: nn.Module, x: Tensor, times: Tensor, solver: SolverConfig) -> tuple[Tensor, NFE]:
-    """The states at each of ``times`` (T,), starting from x at times[0]: (T, B, ...)."""
-    nfe = NFE()
-    (path,) = _odeint(_Dynamics(field, None, None, False, False, nfe), (x,), times.to(x), solver, field)
-    nfe.forward = nfe.total
-    return path, nfe
+def solve_path(field: nn.Module, x: Tensor, times: Tensor, **solver: Unpack[SolverOptions]) -> tuple[Tensor, NFE]:
+    """The states at each of ``times`` (T,), starting from x at times[0]: (T, B, ...), and the NFE."""
+    dynamics = Dynamics(field)
+    (path,) = _odeint(dynamics, (x,), times.to(x), solver_options(**solver), field)
+    dynamics.nfe.forward = dynamics.nfe.total
+    return path, dynamics.nfe
 
 
-def solver_error(error: AssertionError, solver: SolverConfig) -> SolverError | AssertionError:
+def solver_error(error: AssertionError, options: SolverOptions) -> SolverError | AssertionError:
     """Turn torchdiffeq's bare assertions into an error that says what to do."""
     text = str(error)
     if "underflow in dt" in text:
         what = "the step size underflowed"
     elif "max_num_steps" in text:
-        what = f"the solver needed more than solver.max_steps={solver.max_steps} steps"
+        what = f"the solver needed more than max_steps={options['max_steps']} steps (solver.max_steps in a config)"
     else:
         return error
     return SolverError(
-        f"ODE solve failed: {what} ({solver.method}, atol={solver.atol:g}, rtol={solver.rtol:g}). "
+        f"ODE solve failed: {what} ({options['method']}, atol={options['atol']:g}, rtol={options['rtol']:g}). "
         "The vector field has likely become stiff or non-finite. What helps: a smaller "
         "learning rate or stronger gradient clipping (train.lr, train.grad_clip); the transport "
         "regularizers (objective.kinetic=0.01 objective.jacobian=0.01); looser tolerances "

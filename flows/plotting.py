@@ -1,16 +1,17 @@
-"""Pictures of 2D models: data, samples and the learned density side by side."""
+"""Pictures of 2D models: data, samples and the learned density side by side.
+
+Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot): nothing here touches the process's
+matplotlib backend, so a notebook keeps its own.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-__all__ = ["plot_2d", "grid"]
+__all__ = ["plot_2d", "plot_paths", "grid"]
 
 
 def grid(data: np.ndarray, size: int = 150, margin: float = 0.05) -> tuple[np.ndarray, list[float]]:
@@ -36,8 +37,8 @@ def plot_2d(
     if samples is not None:
         panels.append(("samples", samples))
     n = len(panels) + int(log_density is not None)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4.2), squeeze=False)
-    axes = axes[0]
+    fig = Figure(figsize=(4 * n, 4.2))
+    axes = fig.subplots(1, n, squeeze=False)[0]
     limits = extent or [*np.quantile(data[:, 0], [0.001, 0.999]), *np.quantile(data[:, 1], [0.001, 0.999])]
     for ax, (name, pts) in zip(axes, panels, strict=False):
         ax.hist2d(pts[:, 0], pts[:, 1], bins=150, range=[limits[:2], limits[2:]], cmap="magma")
@@ -59,13 +60,13 @@ def plot_2d(
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_paths(path: str | Path, paths: np.ndarray, log_density: np.ndarray, extent: list[float]) -> Path:
     """Sample paths (T, K, 2) from noise (dots) to data (crosses) over the model density."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     size = int(round(np.sqrt(log_density.size)))
     ax.imshow(np.exp(log_density.reshape(size, size)), origin="lower", extent=extent, cmap="Greys", aspect="auto")
     for k in range(paths.shape[1]):
@@ -78,5 +79,4 @@ def plot_paths(path: str | Path, paths: np.ndarray, log_density: np.ndarray, ext
     ax.set_title(f"{paths.shape[1]} sample paths")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)

@@ -1,4 +1,8 @@
-"""Pictures of a finished run: data, samples and density side by side (2D); a sample grid (images)."""
+"""Pictures of a flow: data, samples and density side by side (2D); a sample grid (images).
+
+Everything is drawn from objects in memory (a :class:`Flow` and the raw reference points): the
+trainer's final pictures and ``sample.py`` call the same functions.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from flows import checkpoint
-from flows.data import build_data
-from flows.model import Flow
+from flows.flow import Flow
 from flows.plotting import grid, plot_2d
 
-__all__ = ["plot_run", "image_grid", "save_grid", "grid_log_density"]
+__all__ = ["final_pictures", "plot_density", "image_grid", "save_grid", "grid_log_density"]
 
 
-def save_grid(images: torch.Tensor, out: Path) -> Path:
+def save_grid(images: Tensor, out: Path) -> Path:
     """Save images (N, C, H, W) in [0, 1] as one square-ish grid."""
     from torchvision.utils import save_image
 
@@ -24,32 +27,37 @@ def save_grid(images: torch.Tensor, out: Path) -> Path:
     return out
 
 
-def grid_log_density(model: Flow, reference: np.ndarray, chunk: int, size: int = 120, **solver: Any):
-    """log p (data space, float64) of a 2D model on a size x size grid around ``reference``; (lp, extent).
+def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int, size: int = 120, **solver: Any):
+    """log p (data space, float64) of a 2D flow on a size x size grid around ``reference``; (lp, extent).
 
-    ``solver``: ``method``, ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the run's)."""
+    ``solver``: ``method``, ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
     points, extent = grid(reference, size)
-    lp = model.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, **solver)
+    lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, **solver)
     return lp.cpu().numpy(), extent
 
 
-def image_grid(run: str | Path, n: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> Path:
-    """Write ``run/samples_grid.png``: ``n`` samples of an image model (EMA weights)."""
-    model = checkpoint.load(run).to(device)
-    images = model.sample(n, generator=torch.Generator(model.device).manual_seed(seed))
-    return save_grid(images.cpu() / (model.levels - 1), Path(model.path).parent / "samples_grid.png")
+def image_grid(flow: Flow, out: Path, n: int = 64, seed: int = 0) -> Path:
+    """Write ``n`` samples of an image flow as one grid picture."""
+    images = flow.sample(n, generator=torch.Generator(flow.device).manual_seed(seed))
+    return save_grid(images.cpu() / (flow.levels - 1), out)
 
 
-def plot_run(
-    run: str | Path, n_samples: int = 20_000, grid_size: int = 120, seed: int = 0, device: torch.device | str = "cpu"
+def plot_density(
+    flow: Flow, reference: Tensor, out: Path, title: str, n_samples: int = 20_000, grid_size: int = 120, seed: int = 0
 ) -> Path:
-    """Write ``run/samples.png`` (data | samples | density) for a 2D model; returns its path."""
-    model = checkpoint.load(run).to(device)
-    cfg = model.config
-    data = build_data(cfg.data).test.numpy()
-    gen = torch.Generator(model.device).manual_seed(seed)
-    x, info = model.sample(n_samples, generator=gen, return_info=True)
-    lp, extent = grid_log_density(model, data, 10_000, grid_size)
-    out = Path(model.path).parent / "samples.png"
-    title = f"{cfg.data.name}, step {model.step} (EMA), sampling NFE {info['nfe']}"
-    return plot_2d(out, data, x.cpu().numpy(), lp, extent, title)
+    """Write data | samples | density for a 2D flow; ``reference``: raw points to show as the data."""
+    data = reference.cpu().numpy()
+    gen = torch.Generator(flow.device).manual_seed(seed)
+    x, info = flow.sample(n_samples, generator=gen, return_info=True)
+    lp, extent = grid_log_density(flow, data, 10_000, grid_size)
+    return plot_2d(out, data, x.cpu().numpy(), lp, extent, f"{title}, sampling NFE {info['nfe']}")
+
+
+def final_pictures(flow: Flow, reference: Tensor, run_dir: Path, data_name: str) -> dict[str, Path]:
+    """The pictures at the end of a run: ``samples.png`` (2D) or ``samples_grid.png`` (images), by name."""
+    title = f"{data_name}, step {flow.step} (EMA)"
+    if flow.dim == 2:
+        return {"samples": plot_density(flow, reference, run_dir / "samples.png", title)}
+    if len(flow.shape) == 3:
+        return {"samples": image_grid(flow, run_dir / "samples_grid.png")}
+    return {}

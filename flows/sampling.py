@@ -1,15 +1,15 @@
-"""Draw samples (x₀ ~ N(0, I) at t=0, solved to t=1) and encode data (t=1 → t=0)."""
+"""Draw samples (x₀ ~ N(0, I) at t=0, solved to t=1) and encode data (t=1 → t=0), in model space."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flows.config import SolverConfig
-from flows.ode import solve
+from flows.ode import SolverOptions, solve
 
 __all__ = ["SampleResult", "sample", "encode", "decode", "transport_summary"]
 
@@ -29,12 +29,12 @@ class SampleResult:
 
 @torch.no_grad()
 def _flow(
-    field: nn.Module, start: Tensor, t0: float, t1: float, solver: SolverConfig, chunk: int, progress: bool = False
+    field: nn.Module, start: Tensor, t0: float, t1: float, chunk: int, progress: bool, solver: SolverOptions
 ) -> SampleResult:
     xs, kin, nfe = [], [], 0
     parts = start.split(chunk)
     for part in tqdm(parts, desc="solve", unit="chunk", disable=not progress or len(parts) < 2):
-        sol = solve(field, part, t0, t1, solver, kinetic=True)
+        sol = solve(field, part, t0, t1, kinetic=True, **solver)
         xs.append(sol.x)
         kin.append(sol.kinetic.abs())  # the integral runs backwards when t1 < t0
         nfe += sol.nfe.forward
@@ -45,12 +45,13 @@ def sample(
     field: nn.Module,
     n: int,
     shape: tuple[int, ...],
-    solver: SolverConfig,
+    *,
     chunk: int = 10_000,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    **solver: Unpack[SolverOptions],
 ) -> SampleResult:
-    """``n`` samples in model space, solved in chunks of ``chunk`` (bounded memory).
+    """``n`` samples (n, *shape) in model space, solved in chunks of ``chunk`` (bounded memory).
 
     The noise is drawn on the field's device (``generator``, if given, must live there too).
     """
@@ -58,21 +59,21 @@ def sample(
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     device = param.device if param is not None else torch.device("cpu")
     z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
-    return _flow(field, z, 0.0, 1.0, solver, chunk, progress)
+    return _flow(field, z, 0.0, 1.0, chunk, progress, solver)
 
 
 def encode(
-    field: nn.Module, x: Tensor, solver: SolverConfig, chunk: int = 10_000, progress: bool = False
+    field: nn.Module, x: Tensor, *, chunk: int = 10_000, progress: bool = False, **solver: Unpack[SolverOptions]
 ) -> SampleResult:
     """Data (model space, t=1) → base points (t=0); ``result.x`` holds the codes."""
-    return _flow(field, x, 1.0, 0.0, solver, chunk, progress)
+    return _flow(field, x, 1.0, 0.0, chunk, progress, solver)
 
 
 def decode(
-    field: nn.Module, z: Tensor, solver: SolverConfig, chunk: int = 10_000, progress: bool = False
+    field: nn.Module, z: Tensor, *, chunk: int = 10_000, progress: bool = False, **solver: Unpack[SolverOptions]
 ) -> SampleResult:
     """Base points (t=0) → model space (t=1); ``result.x`` holds the data points."""
-    return _flow(field, z, 0.0, 1.0, solver, chunk, progress)
+    return _flow(field, z, 0.0, 1.0, chunk, progress, solver)
 
 
 def transport_summary(res: SampleResult) -> dict[str, float]:

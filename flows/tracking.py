@@ -21,12 +21,10 @@ __all__ = ["tracker_names", "check_installed", "hyperparameters", "scalars", "lo
 
 def tracker_names(cfg: Config) -> list[str]:
     """``train.log_with`` as a list: a name, a comma-separated string or a list; "all" is what is installed."""
-    value = cfg.train.log_with
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or [])
-    names = [n for n in names if n and n != "none"]
+    names = cfg.train.trackers()
     if "all" in names:
         return [n for n in TRACKERS if n != "all" and _installed(n)]
-    return list(dict.fromkeys(names))
+    return names
 
 
 def _installed(name: str) -> bool:

@@ -131,7 +131,7 @@ def test_solver_methods_are_torchdiffeqs():
     from torchdiffeq._impl.odeint import SOLVERS
     from torchdiffeq._impl.solvers import FixedGridODESolver
 
-    from flows.config import FIXED_STEP_METHODS, SOLVER_METHODS
+    from flows.ode import FIXED_STEP_METHODS, SOLVER_METHODS
 
     assert set(SOLVER_METHODS) == set(SOLVERS) - {"scipy_solver"}
     fixed = {name for name, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver)}

@@ -13,7 +13,6 @@ Plus a static check that every tensor factory in the package names its device.
 """
 
 import ast
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,14 @@ import torch
 from accelerate import Accelerator
 from conftest import ROOT, tiny_overrides
 
-from flows import checkpoint
-from flows.config import SolverConfig, load_config
+import flows
+from flows.config import load_config
 from flows.coupling import ot_coupling
 from flows.data import Preprocess
 from flows.data.batches import Batches
 from flows.divergence import draw_probe
-from flows.evaluation import EvalOptions, point_log_likelihood, tolerance_check
+from flows.evaluation import tolerance_check
+from flows.flow import Flow
 from flows.likelihood import log_prob
 from flows.nn import TimeMLP
 from flows.ode import solve
@@ -94,16 +94,16 @@ def test_trainer_puts_field_ema_preprocessing_and_data_on_the_accelerator_device
     assert {p.device for p in trainer.field.parameters()} == {META}
     assert {t.device for t in [*trainer.ema.module.parameters(), trainer.ema.n_averaged]} == {META}
     assert trainer.data.preprocess.shift.device == META and trainer.data.preprocess.shift.shape == (3,)
-    assert next(trainer._batches()).device == META
+    assert next(trainer.batches()).device == META
     if objective == "fm":
         # a step between logging steps makes no host synchronization, so it runs on meta end to end:
         # data, preprocessing, noise, times, loss, backward, clipping, the skip flag, EMA. (Fused Adam
         # has no meta kernel: its found_inf is checked instead.)
         flags = []
-        trainer._optimizer_step = lambda: flags.append(trainer.opt.optimizer.found_inf.device)
-        assert trainer.step(next(trainer._batches()), full_record=False) == {}
-        assert trainer.step(next(trainer._batches()), full_record=False) == {}
-        assert trainer._ema_count == 2 and trainer._skipped.device == META and flags == [META, META]
+        trainer.optimizer_step = lambda: flags.append(trainer.opt.optimizer.found_inf.device)
+        assert trainer.step(next(trainer.batches()), full_record=False) == {}
+        assert trainer.step(next(trainer.batches()), full_record=False) == {}
+        assert trainer.ema.count == 2 and trainer.guard.skipped.device == META and flags == [META, META]
 
 
 # ------------------------------------------------------------------ meta as the default device
@@ -120,17 +120,17 @@ def test_solves_likelihood_and_sampling_create_nothing_off_device():
 
 
 def solves(field, x):
-    solver = SolverConfig(method="rk4", step_size=0.25, adjoint=False)
+    solver = dict(method="rk4", step_size=0.25)
     for trace in ("exact", "hutchinson"):
-        res = log_prob(field, x, solver, trace, kinetic=True, jacobian=True)
+        res = log_prob(field, x, trace=trace, kinetic=True, jacobian=True, **solver)
         assert torch.isfinite(res.log_prob).all()
-    adaptive = SolverConfig(atol=1e-4, rtol=1e-4)
-    loss = -log_prob(field, x, adaptive, "hutchinson").log_prob.mean()
+    adaptive = dict(atol=1e-4, rtol=1e-4, adjoint=True)
+    loss = -log_prob(field, x, trace="hutchinson", **adaptive).log_prob.mean()
     loss.backward()  # the adjoint
     gen = torch.Generator("cpu").manual_seed(0)
-    assert sample(field, 7, (3,), adaptive, chunk=4, generator=gen).x.device.type == "cpu"
-    assert encode(field, x, adaptive).x.device.type == "cpu"
-    assert solve(field, x, 0.0, 1.0, adaptive, kinetic=True).kinetic.device.type == "cpu"
+    assert sample(field, 7, (3,), chunk=4, generator=gen, **adaptive).x.device.type == "cpu"
+    assert encode(field, x, **adaptive).x.device.type == "cpu"
+    assert solve(field, x, 0.0, 1.0, kinetic=True, **adaptive).kinetic.device.type == "cpu"
     x0, x1 = ot_coupling(torch.randn(6, 1, 2, 2, device="cpu"), torch.randn(6, 1, 2, 2, device="cpu"))
     assert x0.device.type == "cpu"
 
@@ -139,18 +139,20 @@ def test_evaluation_with_dequantization_creates_nothing_off_device():
     field = TimeMLP(4, [8])
     pre = Preprocess(torch.full((4,), 0.5), torch.full((4,), 0.3), levels=17)
     raw = torch.randint(0, 17, (6, 4)).float()
-    opts = EvalOptions(SolverConfig(atol=1e-4, rtol=1e-4, adjoint=False), "hutchinson", probes=3, deq_samples=2)
+    flow = Flow(field, pre, (4,), dict(atol=1e-4, rtol=1e-4))
+    opts = dict(trace="hutchinson", deq_samples=2)
     with trap():
-        lp, var, _ = point_log_likelihood(field, raw, pre, opts, torch.Generator("cpu").manual_seed(0))
-        assert lp.shape == var.shape == (6,) and lp.device.type == "cpu"
-        assert tolerance_check(field, raw, pre, dataclasses.replace(opts, probes=1))["n"] == 6
+        gen = torch.Generator("cpu").manual_seed(0)
+        lp, info = flow.log_prob(raw, generator=gen, batch_size=6, return_info=True, probes=3, **opts)
+        assert lp.shape == info["variance"].shape == (6,) and lp.device.type == "cpu"
+        assert tolerance_check(flow, raw, probes=1, **opts)["n"] == 6
 
 
 def test_training_steps_and_evaluation_create_nothing_off_device(tmp_path):
     for objective in ("mle", "fm"):
         overrides = [*tiny_overrides(tmp_path / objective, steps=4), f"objective.name={objective}"]
         trainer = Trainer(load_config(None, [*overrides, "train.log_every=2", "objective.coupling=ot"]))
-        batches = trainer._batches()
+        batches = trainer.batches()
         with trap():
             for i in range(4):  # logging and non-logging steps
                 assert trainer.step(next(batches), full_record=i % 2 == 0) is not None
@@ -162,7 +164,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_on_the_device(tmp_path):
     """Between logging steps the update is skipped without a host sync, and counted at the next check."""
     cfg = load_config(None, [*tiny_overrides(tmp_path / "r", steps=20), "objective.name=fm", "train.log_every=5"])
     trainer = Trainer(cfg)
-    batches = trainer._batches()
+    batches = trainer.batches()
     trainer.step(next(batches))
     before = [p.clone() for p in trainer.field.parameters()]
     ema_before = [p.clone() for p in trainer.ema.module.parameters()]
@@ -186,7 +188,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_on_the_device(tmp_path):
 # ------------------------------------------------------------------ the CLIs
 def test_loaded_runs_move_with_to(tmp_path):
     train(load_config(None, tiny_overrides(tmp_path / "r", steps=2)))
-    loaded = checkpoint.load(tmp_path / "r").to(META)
+    loaded = flows.load(tmp_path / "r").to(META)
     assert loaded.device == META and loaded.preprocess.shift.device == META
 
 

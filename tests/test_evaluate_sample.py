@@ -11,13 +11,22 @@ import pytest
 import torch
 from conftest import ROOT, LinearField, tiny_overrides
 
-from flows.config import SolverConfig, load_config
+from flows.config import load_config
 from flows.data import Preprocess
-from flows.evaluation import EvalOptions, point_log_likelihood, summarize, tolerance_check
+from flows.evaluation import summarize, tolerance_check
+from flows.flow import Flow
 from flows.sampling import encode, sample
 from flows.training import train
 
-TIGHT = SolverConfig(atol=1e-9, rtol=1e-9, adjoint=False)
+TIGHT = dict(atol=1e-9, rtol=1e-9)
+
+
+def scores(field, raw, pre, generator=None, **options):
+    """``Flow.log_prob`` of all of ``raw`` in one batch: (log p, probe variance, NFE)."""
+    solver = {k: options.pop(k) for k in ("atol", "rtol") if k in options}
+    flow = Flow(field, pre, tuple(raw.shape[1:]), solver)
+    lp, info = flow.log_prob(raw, generator=generator, batch_size=len(raw), return_info=True, **options)
+    return lp, info["variance"], info["nfe"]
 
 
 class Constant(torch.nn.Module):
@@ -31,15 +40,15 @@ class Constant(torch.nn.Module):
 
 def test_sampling_a_constant_field_lands_on_the_closed_form():
     c = torch.tensor([1.5, -0.5])
-    res = sample(Constant(c), 100, (2,), SolverConfig(adjoint=False), generator=torch.Generator().manual_seed(0))
+    res = sample(Constant(c), 100, (2,), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.x, res.z + c)
     torch.testing.assert_close(res.kinetic, torch.full((100,), c.pow(2).sum().item()))
     torch.testing.assert_close(res.straightness, torch.ones(100))  # straight, constant speed
 
 
 def test_encode_of_sample_recovers_the_noise(linear_field):
-    res = sample(linear_field, 50, (3,), TIGHT, generator=torch.Generator().manual_seed(0))
-    back = encode(linear_field, res.x, TIGHT)
+    res = sample(linear_field, 50, (3,), generator=torch.Generator().manual_seed(0), **TIGHT)
+    back = encode(linear_field, res.x, **TIGHT)
     torch.testing.assert_close(back.x, res.z, atol=1e-7, rtol=1e-7)
 
 
@@ -56,8 +65,7 @@ def test_evaluation_of_a_gaussian_flow_equals_the_analytic_nll_within_its_error(
         (4000,),
     ).float()
     pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
-    opts = EvalOptions(SolverConfig(atol=1e-7, rtol=1e-7, adjoint=False))
-    lp, var, nfe = point_log_likelihood(field, raw, pre, opts)
+    lp, var, nfe = scores(field, raw, pre, trace="exact", atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(lp, gauss.log_prob(raw.double()), atol=1e-4, rtol=1e-5)
     s = summarize(lp, var, 1, 2, None)
     assert abs(s["nll"] - gauss.entropy().item()) < 3 * s["nll_se"]
@@ -71,11 +79,9 @@ def test_hutchinson_with_many_probes_agrees_with_exact():
     field = TimeMLP(3, [16, 16])
     raw = torch.randn(20, 3)
     pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
-    solver = SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)
-    exact, _, _ = point_log_likelihood(field, raw, pre, EvalOptions(solver))
-    est, var, _ = point_log_likelihood(
-        field, raw, pre, EvalOptions(solver, "hutchinson", probes=400), torch.Generator().manual_seed(1)
-    )
+    solver = dict(atol=1e-6, rtol=1e-6)
+    exact, _, _ = scores(field, raw, pre, trace="exact", **solver)
+    est, var, _ = scores(field, raw, pre, torch.Generator().manual_seed(1), trace="hutchinson", probes=400, **solver)
     se = (var / 400).sqrt()
     assert ((est - exact).abs() < 4 * se + 1e-5).all()
     assert se.max() > 0  # probes really varied
@@ -85,11 +91,9 @@ def test_importance_weighted_dequantization_tightens_the_bound():
     field, _ = gaussian_flow()
     pre = Preprocess(torch.tensor(0.5), torch.tensor(0.2), levels=4)
     raw = torch.randint(0, 4, (300, 2))
-    solver = SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)
-    one, _, _ = point_log_likelihood(field, raw, pre, EvalOptions(solver), torch.Generator().manual_seed(0))
-    many, _, _ = point_log_likelihood(
-        field, raw, pre, EvalOptions(solver, deq_samples=16), torch.Generator().manual_seed(0)
-    )
+    solver = dict(atol=1e-6, rtol=1e-6, trace="exact")
+    one, _, _ = scores(field, raw, pre, torch.Generator().manual_seed(0), **solver)
+    many, _, _ = scores(field, raw, pre, torch.Generator().manual_seed(0), deq_samples=16, **solver)
     assert many.mean() > one.mean()  # log-mean-exp ≥ mean log (Jensen), on average strictly
 
 
@@ -97,8 +101,9 @@ def test_tolerance_check_reports_small_changes_for_tight_solves():
     field, gauss = gaussian_flow()
     raw = gauss.sample((50,)).float()
     pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
-    loose = tolerance_check(field, raw, pre, EvalOptions(SolverConfig(atol=1e-2, rtol=1e-2, adjoint=False)))
-    tight = tolerance_check(field, raw, pre, EvalOptions(SolverConfig(atol=1e-6, rtol=1e-6, adjoint=False)))
+    flow = Flow(field, pre, (2,))
+    loose = tolerance_check(flow, raw, trace="exact", atol=1e-2, rtol=1e-2)
+    tight = tolerance_check(flow, raw, trace="exact", atol=1e-6, rtol=1e-6)
     assert tight["max_abs_change"] < 1e-4 < loose["max_abs_change"]
 
 

@@ -10,12 +10,12 @@ import torch
 from conftest import tiny_overrides
 from test_training import run
 
-from flows import checkpoint
-from flows.config import ObjectiveConfig, SolverConfig, load_config
+import flows
+from flows.config import load_config
 from flows.errors import CheckpointError, ConfigError
 from flows.likelihood import log_prob
 from flows.nn import TimeMLP
-from flows.objectives import FlowMatching
+from flows.objectives import FlowMatching, FMSettings
 from flows.training import train
 
 
@@ -25,7 +25,7 @@ def test_gaussian_to_gaussian_nll_matches_the_closed_form(path, coupling):
     torch.manual_seed(0)
     mu, sigma = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 1.5])
     field = TimeMLP(2, [32, 32], "silu", time_features=8)
-    objective = FlowMatching(field, ObjectiveConfig(name="fm", path=path, coupling=coupling))
+    objective = FlowMatching(field, FMSettings(path=path, coupling=coupling))
     opt = torch.optim.Adam(field.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 400)
     for _ in range(400):
@@ -36,7 +36,7 @@ def test_gaussian_to_gaussian_nll_matches_the_closed_form(path, coupling):
         sched.step()
     x = mu + sigma * torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model = -log_prob(field, x, SolverConfig(adjoint=False)).log_prob.mean().item()
+        model = -log_prob(field, x).log_prob.mean().item()
     truth = -torch.distributions.Normal(mu, sigma).log_prob(x).sum(1).mean().item()
     assert abs(model - truth) < 0.05, (model, truth)
 
@@ -48,9 +48,9 @@ def test_flow_matching_loss_on_a_known_path():
         def forward(self, x, t):
             return (torch.tensor([2.0, -1.0]) - x) / (1 - t[:, None])
 
-    loss, _ = FlowMatching(Exact(), ObjectiveConfig(name="fm"))(torch.tensor([[2.0, -1.0]]).expand(512, 2))
+    loss, _ = FlowMatching(Exact(), FMSettings())(torch.tensor([[2.0, -1.0]]).expand(512, 2))
     assert loss.item() < 1e-8
-    loss, _ = FlowMatching(lambda x, t: torch.zeros_like(x), ObjectiveConfig(name="fm"))(torch.zeros(20_000, 2))
+    loss, _ = FlowMatching(lambda x, t: torch.zeros_like(x), FMSettings())(torch.zeros(20_000, 2))
     assert loss.item() == pytest.approx(1.0, abs=0.03)  # E‖x₀‖²/D with x₁ = 0: dx_t = −x₀
 
 
@@ -65,7 +65,7 @@ def test_flow_matching_run_is_sampled_and_evaluated_by_the_same_commands(tmp_pat
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert steps and all(r["loss"] > 0 and "nll" not in r and "nfe_forward" not in r for r in steps)
-    assert checkpoint.load(run_dir).config.objective.name == "fm"
+    assert flows.load(run_dir).config.objective.name == "fm"
     proc = run([sys.executable, "evaluate.py", str(run_dir), "--limit", "10", "--check", "5"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run_dir / "eval_test.json").read_text())["n"] == 10
@@ -76,10 +76,10 @@ def test_flow_matching_run_is_sampled_and_evaluated_by_the_same_commands(tmp_pat
 
 def test_init_from_continues_with_the_other_objective(tmp_path):
     train(load_config(None, fm_overrides(tmp_path / "fm")))
-    source = checkpoint.load(tmp_path / "fm")
+    source = flows.load(tmp_path / "fm")
     overrides = [*tiny_overrides(tmp_path / "mle", steps=0), f"train.init_from={tmp_path / 'fm'}"]
     train(load_config(None, overrides))  # zero steps: the exported weights are the initial ones
-    started = checkpoint.load(tmp_path / "mle", weights="model")
+    started = flows.load(tmp_path / "mle", weights="model")
     for (name, a), b in zip(source.field.state_dict().items(), started.field.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     bad = [*tiny_overrides(tmp_path / "bad", steps=1), "model.hidden=[8,8,8]", f"train.init_from={tmp_path / 'fm'}"]

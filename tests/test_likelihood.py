@@ -3,12 +3,11 @@ import math
 import torch
 from torch.autograd.functional import jacobian
 
-from flows.config import SolverConfig
 from flows.likelihood import log_prob, standard_normal_log_prob
 from flows.nn import TimeMLP
 from flows.ode import solve
 
-TIGHT = SolverConfig(atol=1e-10, rtol=1e-10, adjoint=False)
+TIGHT = dict(atol=1e-10, rtol=1e-10)
 
 
 def test_linear_flow_log_density_is_the_closed_form_gaussian(linear_field):
@@ -17,7 +16,7 @@ def test_linear_flow_log_density_is_the_closed_form_gaussian(linear_field):
     gauss = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64), m @ m.T)
     x = gauss.sample((7,))
     with torch.no_grad():
-        res = log_prob(linear_field, x, TIGHT, "exact")
+        res = log_prob(linear_field, x, trace="exact", **TIGHT)
     torch.testing.assert_close(res.log_prob, gauss.log_prob(x), atol=1e-7, rtol=1e-7)
 
 
@@ -27,7 +26,7 @@ def test_constant_field_is_the_shifted_base():
             return torch.ones_like(x) * torch.tensor([1.0, -2.0], dtype=x.dtype)
 
     x = torch.randn(5, 2, dtype=torch.float64)
-    res = log_prob(Constant(), x, TIGHT, "exact")
+    res = log_prob(Constant(), x, trace="exact", **TIGHT)
     expected = standard_normal_log_prob(x - torch.tensor([1.0, -2.0], dtype=torch.float64))
     torch.testing.assert_close(res.log_prob, expected)
 
@@ -41,7 +40,7 @@ def test_mlp_flow_log_density_equals_change_of_variables():
     x = torch.randn(4, 2, dtype=torch.float64)
 
     def to_base(y):
-        return solve(field, y[None], 1.0, 0.0, TIGHT).x[0]
+        return solve(field, y[None], 1.0, 0.0, **TIGHT).x[0]
 
     expected = []
     for xi in x:
@@ -49,7 +48,7 @@ def test_mlp_flow_log_density_equals_change_of_variables():
         _, logdet = torch.linalg.slogdet(jacobian(to_base, xi))
         expected.append(standard_normal_log_prob(z[None])[0] + logdet)
     with torch.no_grad():
-        res = log_prob(field, x, TIGHT, "exact")
+        res = log_prob(field, x, trace="exact", **TIGHT)
     torch.testing.assert_close(res.log_prob, torch.stack(expected), atol=1e-6, rtol=1e-6)
     assert (res.log_prob - standard_normal_log_prob(x)).abs().max() > 0.1  # not the identity
 
@@ -59,10 +58,10 @@ def test_hutchinson_log_prob_agrees_with_exact_on_average():
     field = TimeMLP(3, [16]).double()
     n = 4000
     x = torch.randn(1, 3, dtype=torch.float64).expand(n, 3).contiguous()
-    solver = SolverConfig(atol=1e-8, rtol=1e-8, adjoint=False)
+    solver = dict(atol=1e-8, rtol=1e-8)
     with torch.no_grad():
-        exact = log_prob(field, x[:1], solver, "exact").log_prob[0]
-        est = log_prob(field, x, solver, "hutchinson", "gaussian").log_prob
+        exact = log_prob(field, x[:1], trace="exact", **solver).log_prob[0]
+        est = log_prob(field, x, trace="hutchinson", probe="gaussian", **solver).log_prob
     assert abs(est.mean() - exact) < 4 * est.std() / math.sqrt(n) + 1e-9
 
 
@@ -70,7 +69,7 @@ def test_sample_then_encode_recovers_the_noise():
     torch.manual_seed(0)
     field = TimeMLP(2, [16, 16]).double()
     z = torch.randn(10, 2, dtype=torch.float64)
-    x = solve(field, z, 0.0, 1.0, TIGHT).x
+    x = solve(field, z, 0.0, 1.0, **TIGHT).x
     with torch.no_grad():
-        res = log_prob(field, x, TIGHT, "exact")
+        res = log_prob(field, x, trace="exact", **TIGHT)
     torch.testing.assert_close(res.z, z, atol=1e-7, rtol=1e-7)

@@ -2,10 +2,9 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from flows.config import ObjectiveConfig, SolverConfig
 from flows.nn import TimeMLP
 from flows.nn.unet import TimeUNet
-from flows.objectives import MaximumLikelihood
+from flows.objectives import MaximumLikelihood, MLESettings
 
 
 @pytest.mark.parametrize("conditioning", ["concatsquash", "concat"])
@@ -54,8 +53,8 @@ def test_a_time_shared_by_the_batch_gives_the_per_sample_result(name):
 def test_mle_loss_is_finite_and_every_parameter_gets_a_gradient(adjoint, trace):
     torch.manual_seed(0)
     field = TimeMLP(2, [16, 16], time_features=8)
-    cfg = ObjectiveConfig(trace=trace, kinetic=0.01, jacobian=0.01)
-    objective = MaximumLikelihood(field, SolverConfig(adjoint=adjoint, atol=1e-4, rtol=1e-4), cfg)
+    settings = MLESettings(trace=trace, kinetic=0.01, jacobian=0.01)
+    objective = MaximumLikelihood(field, settings, dict(adjoint=adjoint, atol=1e-4, rtol=1e-4))
     loss, stats = objective(torch.randn(32, 2))
     loss.backward()
     assert torch.isfinite(loss)

@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_overrides
 
 import flows
-from flows.config import SolverConfig, load_config
+from flows.config import load_config
 from flows.errors import ConfigError
 from flows.likelihood import log_prob
 from flows.nn.potential import Potential, log_cosh
 from flows.ode import solve
 
-TIGHT = SolverConfig(atol=1e-10, rtol=1e-10, adjoint=False)
+TIGHT = dict(atol=1e-10, rtol=1e-10)
 
 
 def randomized(dim, width, depth, seed=0):
@@ -74,7 +74,7 @@ def test_the_likelihood_of_a_quadratic_potential_is_the_closed_form_gaussian():
     x = gauss.sample((7,))
     for trace in ("exact", "hutchinson"):  # the potential's trace is exact either way
         with torch.no_grad():
-            res = log_prob(field, x, TIGHT, trace)
+            res = log_prob(field, x, trace=trace, **TIGHT)
         torch.testing.assert_close(res.log_prob, gauss.log_prob(x), atol=1e-7, rtol=1e-7)
 
 
@@ -88,13 +88,15 @@ def test_hjb_residual_is_zero_for_a_solution_and_positive_otherwise():
         field.b.copy_(torch.cat([beta, 0.5 * beta.pow(2).sum().reshape(1)]))
     x = torch.randn(5, 2, dtype=torch.float64)
     with torch.no_grad():
-        sol = solve(field, x, 0.0, 1.0, TIGHT, trace="exact", hjb=True)
+        sol = solve(field, x, 0.0, 1.0, trace="exact", hjb=True, **TIGHT)
         torch.testing.assert_close(sol.x, x - beta)  # v = −β
         assert sol.hjb.abs().max() < 1e-12
         field.b[2] += 0.1  # the wrong time dependence: residual 0.1 everywhere
-        assert torch.allclose(solve(field, x, 0.0, 1.0, TIGHT, trace="exact", hjb=True).hjb, torch.tensor(0.1).double())
+        assert torch.allclose(
+            solve(field, x, 0.0, 1.0, trace="exact", hjb=True, **TIGHT).hjb, torch.tensor(0.1).double()
+        )
         other = randomized(2, 8, 3, seed=1)
-        assert (solve(other, x, 0.0, 1.0, TIGHT, trace="exact", hjb=True).hjb > 1e-3).all()
+        assert (solve(other, x, 0.0, 1.0, trace="exact", hjb=True, **TIGHT).hjb > 1e-3).all()
 
 
 def test_adjoint_gradients_equal_direct_backprop_with_the_hjb_and_kinetic_terms():
@@ -103,7 +105,7 @@ def test_adjoint_gradients_equal_direct_backprop_with_the_hjb_and_kinetic_terms(
     grads = []
     for adjoint in (False, True):
         field.zero_grad()
-        res = log_prob(field, x, SolverConfig(atol=1e-10, rtol=1e-10, adjoint=adjoint), kinetic=True, hjb=True)
+        res = log_prob(field, x, kinetic=True, hjb=True, atol=1e-10, rtol=1e-10, adjoint=adjoint)
         (-res.log_prob.mean() + 0.1 * res.kinetic.mean() + 0.1 * res.hjb.mean()).backward()
         grads.append([p.grad.clone() for p in field.parameters()])
     for direct, adjoint in zip(*grads, strict=True):

@@ -63,7 +63,7 @@ def test_splits_are_used_as_named_and_held_out_rows_never_reach_training(tmp_pat
     # the trainer's batches hold training rows only
     overrides = [f"data.path={tmp_path / 't.npy'}", "data.val_fraction=0.2", f"run_dir={tmp_path / 'r'}", *FAST]
     trainer = Trainer(load_config(CONFIG, overrides))
-    seen = set(torch.cat([next(trainer._batches()) for _ in range(3)])[:, 0].int().tolist())
+    seen = set(torch.cat([next(trainer.batches()) for _ in range(3)])[:, 0].int().tolist())
     assert seen <= set(trainer.data.train[:, 0].int().tolist())
     assert not seen & set(trainer.data.val[:, 0].int().tolist())
 
@@ -90,7 +90,6 @@ def scripted(trainer: Trainer, nlls: list[float], snapshots: dict):
     def evaluate(which, **extra):
         if which != "periodic":
             return real(which, **extra)
-        trainer._last_eval_step = trainer.progress.step
         snapshots[trainer.progress.step] = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
         return {"nll": next(script)}
 
@@ -138,7 +137,7 @@ def test_early_stopping_stops_and_resume_keeps_the_best_and_the_patience(tmp_pat
     resumed, _ = selection_run(second, [2.6, 1.0], "train.steps=10", resume=True)
     assert (resumed.progress.best_nll, resumed.progress.best_step, resumed.progress.stale_evals) == (2.0, 2, 1)
     for k, v in snapshots[2].items():
-        torch.testing.assert_close(resumed._best[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.selection.best[k], v, rtol=0, atol=0)
     for k, v in running_ema.items():  # training goes on from the running average, not from the best one
         torch.testing.assert_close(resumed.ema.state_dict()[k], v, rtol=0, atol=0)
     resumed.run()

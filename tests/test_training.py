@@ -195,7 +195,7 @@ def test_batch_must_split_over_accumulation(tmp_path):
 
 @pytest.mark.filterwarnings("ignore")  # inductor's warnings on a machine without CUDA
 def test_compiled_flow_matching_trains_and_its_checkpoint_loads_without_compile(tmp_path):
-    from flows.checkpoint import load
+    from flows import load
 
     overrides = [*tiny_overrides(tmp_path / "c", steps=3), "objective.name=fm", "train.compile=true"]
     probe = Trainer(load_config(None, [*overrides, "run_dir=" + str(tmp_path / "probe")]))

@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from flows.config import ModelConfig, ObjectiveConfig, SolverConfig
 from flows.errors import ConfigError
-from flows.nn import TimeUNet, build_field
-from flows.objectives import build_objective
+from flows.nn import MLPSettings, TimeUNet, UNetSettings, build_field
+from flows.objectives import FMSettings, MLESettings, build_objective
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (1, 7, 7), (3, 5, 9), (1, 28, 28)])
@@ -36,22 +35,21 @@ def test_batch_jacobian_is_block_diagonal():
 
 def test_build_field_refuses_the_wrong_backbone_for_the_data():
     with pytest.raises(ConfigError, match="model.name=unet"):
-        build_field(ModelConfig(name="mlp"), (1, 8, 8))
+        build_field(MLPSettings(), (1, 8, 8))
     with pytest.raises(ConfigError, match="model.name=mlp"):
-        build_field(ModelConfig(name="unet"), (64,))
+        build_field(UNetSettings(), (64,))
 
 
 @pytest.mark.parametrize("objective", ["mle", "fm"])
 def test_both_objectives_train_the_unet(objective):
     torch.manual_seed(0)
-    cfg = ModelConfig(name="unet", channels=8, channel_mult=[1, 2], attention_resolutions=[4], groups=4)
+    cfg = UNetSettings(channels=8, channel_mult=[1, 2], attention_resolutions=[4], groups=4)
     field = build_field(cfg, (1, 8, 8))
     for p in field.parameters():
         nn.init.normal_(p, std=0.05)
-    solver = SolverConfig(method="rk4", step_size=0.5, adjoint=objective == "mle")
-    obj = build_objective(
-        field, solver, ObjectiveConfig(name=objective, trace="hutchinson", kinetic=0.01, jacobian=0.01)
-    )
+    solver = dict(method="rk4", step_size=0.5, adjoint=objective == "mle")
+    settings = MLESettings(trace="hutchinson", kinetic=0.01, jacobian=0.01) if objective == "mle" else FMSettings()
+    obj = build_objective(field, settings, solver)
     loss, stats = obj(torch.randn(4, 1, 8, 8))
     assert torch.isfinite(loss)
     loss.backward()  # MLE: a double backward through attention and GroupNorm inside the adjoint

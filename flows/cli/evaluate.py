@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from flows.cli import run_cli
-from flows.config import SOLVER_METHODS
+from flows.ode import SOLVER_METHODS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.check and acc.is_main_process:
             gen = torch.Generator("cpu").manual_seed(args.seed)
             pick = torch.randperm(len(raw), generator=gen, device="cpu")[: args.check]
-            opts = model.eval_options(**options)
-            check = tolerance_check(model.field, raw[pick].to(acc.device), model.preprocess, opts, 100.0, args.seed)
+            check = tolerance_check(model, raw[pick].to(acc.device), 100.0, args.seed, **options)
             check["warning"] = bool(check["max_abs_change"] > result["nll_se"])
             result["tolerance_check"] = check
         if acc.is_main_process:

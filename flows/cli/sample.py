@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from flows.cli import run_cli
-from flows.config import SOLVER_METHODS
+from flows.ode import SOLVER_METHODS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
         solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
-        model.solver(**solve)  # bad values: an error before any work
+        model.solve_options(**solve)  # bad values: an error before any work
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         if args.encode:
             raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
@@ -134,7 +134,7 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
         gen = torch.Generator(device).manual_seed(args.seed + 7)
         z = torch.randn(args.trajectories, 2, generator=gen, device=device)
         times = torch.linspace(0, 1, 60, device=device)
-        path, _ = solve_path(model.field, z, times, model.solver(**solve))
+        path, _ = solve_path(model.field, z, times, **model.solve_options(**solve))
         path = model.preprocess.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())
         written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]

@@ -34,16 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
 
     def go() -> None:
-        from flows.training import train
+        from flows.api import train
 
-        if args.resume:
-            if args.config:
-                raise SystemExit("give either --config or --resume RUN_DIR (the run keeps its own config)")
-            cfg = load_config(Path(args.resume) / "config.yaml", [*args.overrides, f"run_dir={args.resume}"])
-        else:
-            path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-            cfg = load_config(path, args.overrides)
-        train(cfg, resume=args.resume is not None)
+        if args.resume and args.config:
+            raise SystemExit("give either --config or --resume RUN_DIR (the run keeps its own config)")
+        path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        if args.resume is None:
+            train(path, overrides=args.overrides)
+            return
+        # --resume without a directory: the run of the default (or given) recipe
+        run_dir = args.resume or load_config(path, args.overrides).run_dir
+        train(run_dir=run_dir, resume=True, overrides=args.overrides)
 
     run_cli(go)
 

@@ -8,15 +8,18 @@ directly, gzip or not.
 from __future__ import annotations
 
 import gzip
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from flows.data.registry import Data, DataConfig, register_dataset
 from flows.errors import DataError
+from flows.preprocess import Preprocess
 
-__all__ = ["load_torchvision", "read_idx_images", "load_idx_folder"]
+__all__ = ["load_torchvision", "read_idx_images", "load_idx_folder", "image_preprocess"]
 
 
 def load_torchvision(name: str, root: str, download: bool) -> tuple[Tensor, Tensor]:
@@ -74,3 +77,29 @@ def load_idx_folder(folder: str | Path) -> Tensor:
     if len({p.shape[1:] for p in parts}) > 1:
         raise DataError(f"the IDX files in '{folder}' hold images of different sizes.")
     return torch.cat(parts)
+
+
+def image_preprocess(levels: int, logit_alpha: float) -> Preprocess:
+    """Dequantize to [0, 1); then logit(alpha + (1 - 2 alpha) y) if alpha > 0, else scale to [-1, 1)."""
+    if logit_alpha > 0:
+        return Preprocess(torch.tensor(0.0, device="cpu"), torch.tensor(1.0, device="cpu"), levels, logit_alpha)
+    return Preprocess(torch.tensor(0.5, device="cpu"), torch.tensor(0.5, device="cpu"), levels)
+
+
+def build_torchvision(name: str, cfg: DataConfig) -> Data:
+    train, test = load_torchvision(name, cfg.root, cfg.download)
+    return Data(name, train, test, image_preprocess(256, cfg.logit_alpha))
+
+
+def build_idx(cfg: DataConfig) -> Data:
+    """The images of an IDX folder; the last ``data.test_fraction`` of them held out."""
+    images = load_idx_folder(cfg.path)
+    n_test = max(1, round(len(images) * cfg.test_fraction))
+    if len(images) - n_test < 1:
+        raise DataError(f"'{cfg.path}' holds {len(images)} images: too few to split into train and test.")
+    return Data("idx", images[:-n_test], images[-n_test:], image_preprocess(256, cfg.logit_alpha))
+
+
+register_dataset("mnist", partial(build_torchvision, "mnist"))
+register_dataset("cifar10", partial(build_torchvision, "cifar10"))
+register_dataset("idx", build_idx, needs_path="FOLDER holding *-images-idx3-ubyte[.gz] files")

@@ -13,13 +13,17 @@ GAS is a pandas pickle: reading it runs code from the file, so it needs ``data.a
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from flows.data.registry import Data, DataConfig, register_dataset
 from flows.errors import DataError
+from flows.preprocess import Preprocess
 
-__all__ = ["SUITE", "SUITE_FILES", "load_suite"]
+__all__ = ["SUITE", "SUITE_FILES", "load_suite", "build_suite"]
 
 SUITE_FILES = {
     "power": ("power/data.npy",),
@@ -126,3 +130,13 @@ def load_suite(name: str, root: str | Path, allow_pickle: bool = False) -> Split
     except Exception as e:  # noqa: BLE001 - a malformed file, whatever the parser raises
         raise DataError(f"data.name={name}: cannot read the files under '{root}': {type(e).__name__}: {e}") from None
     return tuple(np.ascontiguousarray(s, dtype=np.float32) for s in splits)
+
+
+def build_suite(name: str, cfg: DataConfig) -> Data:
+    """The published train / validation / test splits under ``data.root``, standardized on the training rows."""
+    train, val, test = (torch.from_numpy(a) for a in load_suite(name, cfg.root, cfg.allow_pickle))
+    return Data(name, train, test, Preprocess(train.mean(0), train.std(0)), val)
+
+
+for _name in SUITE_FILES:
+    register_dataset(_name, partial(build_suite, _name))

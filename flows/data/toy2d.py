@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
+import torch
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
 
-__all__ = ["TOY_DENSITIES", "sample_toy"]
+from flows.data.registry import Data, DataConfig, register_dataset
+from flows.preprocess import Preprocess
+
+__all__ = ["TOY_DENSITIES", "sample_toy", "build_toy"]
 
 
 def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,3 +89,15 @@ def sample_toy(name: str, n: int, seed: int) -> np.ndarray:
     if name not in TOY_DENSITIES:
         raise KeyError(f"unknown toy density {name!r}; known: {', '.join(TOY_DENSITIES)}")
     return TOY_DENSITIES[name](n, np.random.default_rng(seed)).astype(np.float32)
+
+
+def build_toy(name: str, cfg: DataConfig) -> Data:
+    """``data.train_size`` points from ``data.seed`` and ``data.test_size`` from ``data.test_seed``, as they are."""
+    train = torch.from_numpy(sample_toy(name, cfg.train_size, cfg.seed))
+    test = torch.from_numpy(sample_toy(name, cfg.test_size, cfg.test_seed))
+    identity = Preprocess(torch.tensor(0.0, device="cpu"), torch.tensor(1.0, device="cpu"))
+    return Data(name, train, test, identity)
+
+
+for _name in TOY_DENSITIES:
+    register_dataset(_name, partial(build_toy, _name))

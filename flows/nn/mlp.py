@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from flows.errors import ConfigError
 from flows.nn.embedding import TimeFeatures, time_rows
+from flows.nn.registry import FieldKind, register_field
 
-__all__ = ["TimeMLP", "ACTIVATIONS"]
+__all__ = ["TimeMLP", "MLPSettings", "ACTIVATIONS"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -64,7 +68,7 @@ class TimeMLP(nn.Module):
         elif conditioning == "concat":
             layers = [ConcatInput(*pairs[0], self.time.dim), *(nn.Linear(a, b) for a, b in pairs[1:])]
         else:
-            raise ValueError(f"unknown conditioning {conditioning!r}: use 'concatsquash' or 'concat'")
+            raise ConfigError(f"unknown conditioning {conditioning!r}: use 'concatsquash' or 'concat'")
         self.gated = conditioning == "concatsquash"
         self.layers = nn.ModuleList(layers)
         self.act = ACTIVATIONS[activation]()
@@ -77,3 +81,27 @@ class TimeMLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h
+
+
+@dataclass
+class MLPSettings:
+    """``model.*`` for ``model.name=mlp`` (vectors)."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 64, 64])  # hidden widths
+    activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
+    time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
+    conditioning: Literal["concatsquash", "concat"] = "concatsquash"  # time gates every layer, or enters once
+
+    def check(self, prefix: str = "model.") -> None:
+        if not self.hidden or min(self.hidden) <= 0:
+            raise ConfigError(f"invalid config value: {prefix}hidden: widths > 0.")
+        if self.time_features < 0:
+            raise ConfigError(f"invalid config value: {prefix}time_features must be >= 0.")
+
+
+def _build(s: MLPSettings, shape: tuple[int, ...]) -> TimeMLP:
+    return TimeMLP(shape[0], s.hidden, s.activation, s.time_features, s.conditioning)
+
+
+register_field(FieldKind("mlp", MLPSettings, _build, data="vectors"))

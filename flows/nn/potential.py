@@ -19,14 +19,18 @@ Onken, Wu Fung, Li, Ruthotto: OT-Flow, AAAI 2021.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flows.errors import ConfigError
 from flows.nn.embedding import time_rows
+from flows.nn.registry import FieldKind, register_field
 
-__all__ = ["Potential", "log_cosh"]
+__all__ = ["Potential", "PotentialSettings", "log_cosh"]
 
 
 def log_cosh(a: Tensor) -> Tensor:
@@ -51,7 +55,7 @@ class Potential(nn.Module):
     def __init__(self, dim: int, width: int = 64, depth: int = 3, rank: int | None = None):
         super().__init__()
         if depth < 2:
-            raise ValueError("Potential needs depth >= 2 (an opening layer and at least one residual layer)")
+            raise ConfigError("Potential needs depth >= 2 (an opening layer and at least one residual layer)")
         self.dim, self.h = dim, 1.0 / (depth - 1)
         rank = rank if rank is not None else min(10, dim + 1)
         self.opening = nn.Linear(dim + 1, width)
@@ -126,3 +130,31 @@ class Potential(nn.Module):
         """(v, div v = −tr ∇²ₓΦ, ∂ₜΦ): what the ODE layer integrates, in one pass."""
         grad, phi_t, tr = self.derivatives(x, t, trace=True)
         return -grad, -tr, phi_t
+
+
+@dataclass
+class PotentialSettings:
+    """``model.*`` for ``model.name=potential`` (vectors): width hidden[0], one opening + len(hidden) - 1
+    residual layers."""
+
+    name: Literal["potential"] = "potential"
+    hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
+    rank: int = 0  # rank of the quadratic term (0: min(10, D + 1))
+
+    def check(self, prefix: str = "model.") -> None:
+        if not self.hidden or min(self.hidden) <= 0:
+            raise ConfigError(f"invalid config value: {prefix}hidden: widths > 0.")
+        if len(set(self.hidden)) != 1 or len(self.hidden) < 2:
+            raise ConfigError(
+                f"invalid config value: {prefix}name=potential takes equal widths and at least two layers in "
+                f"{prefix}hidden, e.g. [64, 64, 64]."
+            )
+        if self.rank < 0:
+            raise ConfigError(f"invalid config value: {prefix}rank must be >= 0.")
+
+
+def _build(s: PotentialSettings, shape: tuple[int, ...]) -> Potential:
+    return Potential(shape[0], s.hidden[0], len(s.hidden), s.rank or None)
+
+
+register_field(FieldKind("potential", PotentialSettings, _build, data="vectors", analytic_divergence=True))

@@ -11,15 +11,19 @@ maximum-likelihood objective needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from flows.errors import ConfigError
 from flows.nn.embedding import TimeFeatures, time_rows
+from flows.nn.registry import FieldKind, register_field
 
-__all__ = ["TimeUNet"]
+__all__ = ["TimeUNet", "UNetSettings"]
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -134,3 +138,36 @@ class TimeUNet(nn.Module):
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.out(h)
+
+
+@dataclass
+class UNetSettings:
+    """``model.*`` for ``model.name=unet`` (images (C, H, W); any H, W)."""
+
+    name: Literal["unet"] = "unet"
+    channels: int = 32  # width at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one level per entry, halving H, W
+    num_res_blocks: int = 1  # residual blocks per level
+    attention_resolutions: list[int] = field(default_factory=list)  # spatial sizes (H) that get self-attention
+    groups: int = 8  # GroupNorm groups (never BatchNorm: it couples samples)
+
+    def check(self, prefix: str = "model.") -> None:
+        if self.channels <= 0 or self.num_res_blocks < 0:
+            raise ConfigError(f"invalid config value: {prefix}channels must be > 0.")
+        if not self.channel_mult or min(self.channel_mult) <= 0:
+            raise ConfigError(f"invalid config value: {prefix}channel_mult: values > 0.")
+        if self.groups <= 0:
+            raise ConfigError(f"invalid config value: {prefix}groups must be > 0.")
+        for width in (self.channels * m for m in self.channel_mult):
+            if width % self.groups:
+                raise ConfigError(
+                    f"invalid config value: {prefix}groups={self.groups} must divide every U-Net width "
+                    f"({prefix}channels x {prefix}channel_mult = {width})."
+                )
+
+
+def _build(s: UNetSettings, shape: tuple[int, ...]) -> TimeUNet:
+    return TimeUNet(shape, s.channels, s.channel_mult, s.num_res_blocks, s.attention_resolutions, s.groups)
+
+
+register_field(FieldKind("unet", UNetSettings, _build, data="images"))

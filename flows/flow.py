@@ -1,7 +1,7 @@
 """A trained flow as a Python object: sample, log-density, encode and decode, in the data's units.
 
-``flows.load(run)`` returns a :class:`Flow`; the CLIs (``sample.py``, ``evaluate.py``) and the
-trainer's pictures call these same methods, so a notebook and a command line give the same numbers.
+``flows.load(run)`` returns a :class:`Flow`; the trainer's evaluations and pictures, the CLIs and the
+benchmarks call these same methods, so a notebook and a command line give the same numbers.
 
 Units. Inputs and outputs are in the units of the data the run was trained on: the preprocessing
 (standardization, dequantization, logit) is applied and inverted here, and its log-determinant is
@@ -9,32 +9,35 @@ part of :meth:`Flow.log_prob`. For discrete data (images, digits: integer levels
 :meth:`Flow.sample` and :meth:`Flow.decode` return integer-valued levels, and :meth:`Flow.log_prob`
 is the density of the dequantized values scaled to ``[0, 1)^D`` (the convention behind bits/dim:
 ``bits/dim = (−log p / D + log L) / log 2``).
+
+Per data point, ``log_prob`` averages the log-density over ``probes`` Hutchinson probes (an unbiased
+estimate of log p, since the trajectory does not depend on the probe) and importance-weights it over
+``deq_samples`` uniform dequantizations, log P(v) ≥ log (1/K Σ_k p(y_k)) (the K-sample bound used by
+flow matching and Flow++).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
 
-from flows.config import FIXED_STEP_METHODS, Config, SolverConfig, check_method
-from flows.data.preprocess import Preprocess
 from flows.errors import FlowsError
-from flows.evaluation import EvalOptions, point_log_likelihood
-from flows.likelihood import auto_trace
+from flows.likelihood import auto_trace, log_prob
+from flows.ode import DEFAULTS, FIXED_STEP_METHODS, SolverOptions, check_method, solver_options
+from flows.preprocess import Preprocess
 from flows.sampling import SampleResult, decode, encode, sample, transport_summary
 
 __all__ = ["Flow", "SolveOptions"]
 
 
 class SolveOptions(TypedDict, total=False):
-    """Solver overrides every :class:`Flow` operation takes; the run's ``eval.solver`` fills the rest."""
+    """Solver overrides every :class:`Flow` operation takes; the flow's own ``solver`` fills the rest."""
 
     method: str | None  # a torchdiffeq method: dopri5 (adaptive, the default), rk4, euler, ...
     atol: float | None  # adaptive methods' tolerances
@@ -44,21 +47,24 @@ class SolveOptions(TypedDict, total=False):
 
 @dataclass
 class Flow:
-    """A vector field with its preprocessing and the config it was trained with.
+    """A vector field with its preprocessing.
 
     Attributes:
         field: the network ``v(x, t)`` in model space (EMA weights unless loaded with ``weights="model"``).
         preprocess: data units ↔ model space, with its log-determinant.
-        config: the run's :class:`flows.config.Config`.
         shape: the shape of one sample, ``(D,)`` or ``(C, H, W)``.
+        solver: the default solver of every operation (:class:`flows.ode.SolverOptions`; a run's
+            ``eval.solver``).
+        config: the run's configuration (``flows.load`` gives a :class:`flows.Config`), else None.
         step: the training step the weights come from.
         path: the ``model.safetensors`` file, if loaded from one.
     """
 
     field: nn.Module
     preprocess: Preprocess
-    config: Config
     shape: tuple[int, ...]
+    solver: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
+    config: Any = None
     step: int = 0
     path: Path | None = None
 
@@ -86,25 +92,24 @@ class Flow:
         return self
 
     def __repr__(self) -> str:
-        cfg = self.config
         return (
-            f"Flow({cfg.model.name}, {cfg.objective.name}, shape={self.shape}, step={self.step}, "
+            f"Flow({type(self.field).__name__}, shape={self.shape}, step={self.step}, "
             f"device={self.device}, path={str(self.path) if self.path else None!r})"
         )
 
     # ------------------------------------------------------------------ solver options
-    def solver(
+    def solve_options(
         self,
         method: str | None = None,
         atol: float | None = None,
         rtol: float | None = None,
         steps: int | None = None,
-    ) -> SolverConfig:
-        """The run's evaluation solver (``config.eval.solver``) with any of these replaced.
+    ) -> SolverOptions:
+        """The flow's solver with any of these replaced (and no adjoint), as :class:`flows.ode.SolverOptions`.
 
         ``steps``: a fixed-step solve with that many steps (rk4 unless ``method`` is a fixed-step method).
         """
-        base, changes = self.config.eval.solver, {}
+        base, changes = self.solver, {}
         if method is not None:
             changes["method"] = check_method(method, "method")
         for name, value in (("atol", atol), ("rtol", rtol)):
@@ -116,8 +121,8 @@ class Flow:
             if steps <= 0:
                 raise FlowsError(f"steps must be positive (got {steps})")
             changes["step_size"] = 1.0 / steps
-            changes.setdefault("method", base.method if base.method in FIXED_STEP_METHODS else "rk4")
-        return dataclasses.replace(base, **changes, adjoint=False)
+            changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
+        return solver_options(**{**base, **changes, "adjoint": False})
 
     # ------------------------------------------------------------------ data units <-> model space
     def _as_data(self, x: Tensor, what: str) -> Tensor:
@@ -152,8 +157,8 @@ class Flow:
         Args:
             n: number of samples.
             generator: for the noise; must live on ``self.device``.
-            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the run's
-                evaluation solver, adaptive).
+            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
+                solver, adaptive).
             chunk: points per solve (bounds memory).
             return_info: also return a dict with ``nfe``, ``seconds``, ``kinetic_energy`` (mean ∫‖v‖²dt,
                 model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *shape)
@@ -164,9 +169,9 @@ class Flow:
         """
         if n <= 0 or chunk <= 0:
             raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
-        solver = self.solver(**solve)
+        solver = self.solve_options(**solve)
         start = time.perf_counter()
-        res = sample(self.field, n, self.shape, solver, chunk, generator, progress)
+        res = sample(self.field, n, self.shape, chunk=chunk, generator=generator, progress=progress, **solver)
         return self._result(self._to_data(res.x), res, solver, start, return_info, noise=res.z)
 
     @torch.no_grad()
@@ -179,9 +184,9 @@ class Flow:
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`)."""
-        solver = self.solver(**solve)
+        solver = self.solve_options(**solve)
         start = time.perf_counter()
-        res = decode(self.field, self._as_data(z, "decode"), solver, chunk)
+        res = decode(self.field, self._as_data(z, "decode"), chunk=chunk, **solver)
         return self._result(self._to_data(res.x), res, solver, start, return_info)
 
     @torch.no_grad()
@@ -199,10 +204,10 @@ class Flow:
         Discrete data is placed at the centre of its dequantization cell, so ``decode(encode(x))``
         returns the same levels.
         """
-        solver = self.solver(**solve)
+        solver = self.solve_options(**solve)
         start = time.perf_counter()
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
-        res = encode(self.field, model_x, solver, chunk, progress)
+        res = encode(self.field, model_x, chunk=chunk, progress=progress, **solver)
         return self._result(res.x, res, solver, start, return_info)
 
     @torch.no_grad()
@@ -223,11 +228,12 @@ class Flow:
         Args:
             x: ``(N, *shape)`` in data units (discrete data: the integer levels).
             trace: ``"exact"`` (D vector-Jacobian products per evaluation), ``"hutchinson"`` (unbiased,
-                ``probes`` probes per point, averaged) or ``"auto"`` (exact for an MLP of dimension ≤ 64).
+                ``probes`` probes per point, averaged) or ``"auto"`` (exact for a vector field of
+                dimension ≤ 64, and always for a field with an analytic divergence).
             deq_samples: discrete data: importance-weighted over this many dequantizations (a tighter bound).
             generator: for probes and dequantization noise; must live on ``self.device``.
-            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the run's
-                evaluation solver).
+            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
+                solver).
             batch_size: points per solve (bounds memory).
             return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
                 per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``, ``solver``.
@@ -235,13 +241,13 @@ class Flow:
         Returns:
             ``(N,)`` float64 on ``self.device`` (and the info dict).
         """
-        opts = self.eval_options(trace, probes, deq_samples, **solve)
+        opts = self.log_prob_options(trace, probes, deq_samples, **solve)
         if batch_size <= 0:
             raise FlowsError("batch_size must be positive")
         start = time.perf_counter()
         lps, variances, nfe = [], [], []
         for part in self._as_data(x, "log_prob").split(batch_size):
-            lp, var, n = point_log_likelihood(self.field, part, self.preprocess, opts, generator)
+            lp, var, n = self._log_prob_batch(part, opts, generator)
             lps.append(lp)
             variances.append(var)
             nfe.append(n)
@@ -249,28 +255,40 @@ class Flow:
         if not return_info:
             return lp
         info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
-        return lp, info | {"variance": torch.cat(variances)} | options_info(opts)
+        return lp, info | {"variance": torch.cat(variances)} | opts
 
-    def eval_options(
+    def log_prob_options(
         self, trace: str = "auto", probes: int = 1, deq_samples: int = 1, **solve: Unpack[SolveOptions]
-    ) -> EvalOptions:
-        """The options :meth:`log_prob` resolves its arguments to (``trace="auto"`` decided, probes and
-        dequantization samples only where they apply)."""
-        trace = auto_trace(trace, self.dim, self.config.model.name)
-        if trace not in ("exact", "hutchinson"):
-            raise FlowsError(f"trace must be 'auto', 'exact' or 'hutchinson' (got {trace!r})")
+    ) -> dict[str, Any]:
+        """What :meth:`log_prob` resolves its arguments to: ``trace`` ("auto" decided), ``probes`` and
+        ``deq_samples`` (1 where they do not apply) and ``solver``; what its info dict reports of them."""
+        trace = auto_trace(trace, self.field, self.shape)
         if probes <= 0 or deq_samples <= 0:
             raise FlowsError("probes and deq_samples must be positive")
-        return EvalOptions(
-            self.solver(**solve),
-            trace,
-            probes if trace == "hutchinson" else 1,
-            "rademacher",
-            deq_samples if self.levels is not None else 1,
-        )
+        return {
+            "trace": trace,
+            "probes": probes if trace == "hutchinson" else 1,
+            "deq_samples": deq_samples if self.levels is not None else 1,
+            "solver": dict(self.solve_options(**solve)),
+        }
+
+    def _log_prob_batch(
+        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, int]:
+        """(log p (B,), variance over probes of the per-probe estimates (B,), NFE) of one batch of raw points."""
+        pre, probes, deq, b = self.preprocess, opts["probes"], opts["deq_samples"], raw.shape[0]
+        reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
+        noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
+        x = pre(reps, noise=noise)
+        res = log_prob(self.field, x, trace=opts["trace"], generator=generator, **opts["solver"])
+        lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
+        var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
+        lp = lp.mean(1)  # unbiased over probes
+        lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
+        return lp, var, res.nfe.forward
 
     def _result(
-        self, out: Tensor, res: SampleResult, solver: SolverConfig, start: float, return_info: bool, **extra: Tensor
+        self, out: Tensor, res: SampleResult, solver: SolverOptions, start: float, return_info: bool, **extra: Tensor
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         if not return_info:
             return out
@@ -280,16 +298,6 @@ class Flow:
             **transport_summary(res),
             "kinetic": res.kinetic,
             **extra,
-            "solver": dataclasses.asdict(solver),
+            "solver": dict(solver),
         }
         return out, info
-
-
-def options_info(opts: EvalOptions) -> dict[str, Any]:
-    """What ``log_prob(..., return_info=True)`` reports of its options."""
-    return {
-        "trace": opts.trace,
-        "probes": opts.probes,
-        "deq_samples": opts.deq_samples,
-        "solver": dataclasses.asdict(opts.solver),
-    }

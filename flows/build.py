@@ -1,0 +1,63 @@
+"""The edge where a config becomes objects, in one place: data, field, objective, flow, inference file.
+
+Below this edge nothing knows the config module: the core (``flows.nn``, ``flows.ode``, ``flows.flow``,
+...) takes plain keywords and its own settings objects; the objectives take their settings and solver
+keywords; the data sources take ``data.*``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from flows.config import Config, to_dict
+from flows.data import Data, build_data
+from flows.flow import Flow
+from flows.flowfile import write
+from flows.nn import build_field
+from flows.objectives import build_objective
+from flows.preprocess import Preprocess
+
+__all__ = ["make_data", "make_field", "make_objective", "make_flow", "export"]
+
+
+def make_data(cfg: Config) -> Data:
+    return build_data(cfg.data)
+
+
+def make_field(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
+    return build_field(cfg.model, shape)
+
+
+def make_objective(cfg: Config, field: nn.Module) -> nn.Module:
+    """The training objective around ``field``, solving (maximum likelihood) with ``cfg.solver``."""
+    return build_objective(field, cfg.objective, cfg.solver.options(), cfg.train.compile)
+
+
+def make_flow(cfg: Config, field: nn.Module, preprocess: Preprocess, shape: tuple[int, ...], step: int = 0) -> Flow:
+    """A :class:`Flow` of ``field`` whose operations solve with ``cfg.eval.solver`` by default."""
+    return Flow(field, preprocess, shape, dict(cfg.eval.solver.options()), cfg, step)
+
+
+def export(
+    path: str | Path,
+    cfg: Config,
+    field: nn.Module,
+    ema: nn.Module,
+    preprocess: Preprocess,
+    shape: tuple[int, ...],
+    step: int,
+) -> Path:
+    """Write the inference file of a run: raw and EMA weights, preprocessing, field settings, eval solver, config."""
+    return write(
+        path,
+        model_state=field.state_dict(),
+        ema_state=ema.state_dict(),
+        preprocess=preprocess,
+        field=to_dict(cfg.model),
+        solver=cfg.eval.solver.options(),
+        shape=shape,
+        step=step,
+        config=to_dict(cfg),
+    )

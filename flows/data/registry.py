@@ -1,0 +1,95 @@
+"""The ``data.*`` settings, the in-memory dataset type, and the registry of dataset kinds.
+
+Each dataset module registers its names here with a builder ``DataConfig -> Data`` and what it
+needs (``needs_path``); ``build_data`` looks the name up. No other module tests a dataset's name.
+``DataConfig`` stays one section for every kind: its keys are shared (``path`` by tables and IDX
+folders, ``root`` by torchvision sets and the MAF suite, the split fractions by digits, tables and
+IDX folders), and each key's comment says which kinds read it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from flows.errors import ConfigError, DataError, unknown_value
+from flows.preprocess import Preprocess
+
+__all__ = ["DataConfig", "Data", "DatasetKind", "DATASETS", "register_dataset", "build_data"]
+
+
+@dataclass
+class DataConfig:
+    name: str = "checkerboard"  # a toy density, "digits", "tabular", a MAF suite table, "mnist", "cifar10" or "idx"
+    path: str | None = None  # "tabular": .npy / .npz file; "idx": a folder of *-images-idx3-ubyte[.gz] files
+    root: str = "data"  # "mnist" / "cifar10": torchvision's folder; power, gas, ...: the unpacked MAF archive
+    allow_pickle: bool = False  # gas: its published file is a pandas pickle (unpickling runs code from it)
+    download: bool = False  # "mnist" / "cifar10": let torchvision download into root (needs internet)
+    image: bool = False  # "digits": (1, 8, 8) images instead of 64-D vectors (for the U-Net)
+    logit_alpha: float = 0.0  # images: > 0 models logit(alpha + (1 - 2 alpha) y); 0: y scaled to [-1, 1]
+    train_size: int = 1_000_000  # toy densities: points generated for training
+    test_size: int = 10_000  # toy densities: held-out points (generated with test_seed)
+    test_fraction: float = 0.2  # digits / tabular / idx: share held out (idx: the last rows, as in BENCHMARKS)
+    test_path: str | None = None  # tabular: a predefined test split (.npy/.npz); then data.path is all training rows
+    val_path: str | None = None  # tabular: a predefined validation split (model selection, early stopping)
+    val_fraction: float = 0.0  # digits / tabular: share of the training rows held out for validation
+    dequantize: bool = False  # tabular: add U[0, 1) noise once (seeded) to integer-valued columns, as MAF's POWER
+    seed: int = 0
+    test_seed: int = 1
+
+    def check(self, prefix: str = "data.") -> None:
+        checks = [
+            (0 < self.test_fraction < 1, "test_fraction must be in (0, 1)"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.train_size > 0 and self.test_size > 0, "sizes must be > 0"),
+            (0 <= self.logit_alpha < 0.5, "logit_alpha must be in [0, 0.5)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid config value: {prefix}{message}.")
+        if self.name not in DATASETS:
+            unknown_value(f"{prefix}name", self.name, list(DATASETS))
+        needs = DATASETS[self.name].needs_path
+        if needs and not self.path:
+            raise ConfigError(f"{prefix}name={self.name} needs {prefix}path={needs}.")
+
+
+@dataclass
+class Data:
+    name: str
+    train: Tensor  # raw values, (N, *shape): (N, D) vectors or (N, C, H, W) images
+    test: Tensor
+    preprocess: Preprocess
+    val: Tensor | None = None  # validation rows (model selection, early stopping), never trained on
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    name: str
+    build: Callable[[DataConfig], Data]
+    needs_path: str = ""  # what data.path must name, if the kind reads one
+
+
+DATASETS: dict[str, DatasetKind] = {}
+
+
+def register_dataset(name: str, build: Callable[[DataConfig], Data], needs_path: str = "") -> None:
+    DATASETS[name] = DatasetKind(name, build, needs_path)
+
+
+def build_data(cfg: DataConfig) -> Data:
+    """The raw splits and preprocessing of ``cfg.name`` (every kind registered by ``flows.data``)."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.name!r}")
+    return DATASETS[cfg.name].build(cfg)

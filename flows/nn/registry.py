@@ -1,0 +1,70 @@
+"""The kinds of vector field: each registers its name, its settings (the ``model.*`` keys of that kind),
+how to build it for a data shape, and its capabilities, in the module that implements it.
+
+No other module tests a field's name: the ODE layer asks the field for ``analytic_divergence``, the
+application asks a kind for ``data`` and ``analytic_divergence``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from flows.errors import ConfigError, unknown_value
+
+__all__ = ["FieldKind", "FIELDS", "register_field", "field_kind", "build_field", "settings_from"]
+
+
+@dataclass(frozen=True)
+class FieldKind:
+    name: str
+    settings: type  # a dataclass: this kind's keys with their defaults, and a ``check(prefix)`` method
+    build: Callable[[Any, tuple[int, ...]], nn.Module]  # (settings, per-sample shape) -> the field
+    data: str  # "vectors" (D,) or "images" (C, H, W)
+    analytic_divergence: bool = False  # supplies its exact divergence itself (no probe, no VJPs)
+
+
+FIELDS: dict[str, FieldKind] = {}
+
+
+def register_field(kind: FieldKind) -> FieldKind:
+    FIELDS[kind.name] = kind
+    return kind
+
+
+def field_kind(name: str) -> FieldKind:
+    if name not in FIELDS:
+        unknown_value("model.name", name, list(FIELDS))
+    return FIELDS[name]
+
+
+def settings_from(values: Mapping[str, Any]) -> Any:
+    """A kind's settings from a mapping with ``name`` (e.g. a saved config's ``model`` section); keys of
+    other kinds (older files wrote every kind's keys) are left out."""
+    kind = field_kind(values.get("name", "mlp"))
+    names = {f.name for f in dataclasses.fields(kind.settings)}
+    return kind.settings(**{k: v for k, v in values.items() if k in names})
+
+
+_SHAPES = {"vectors": "vectors (D,)", "images": "images (C, H, W)"}
+_OTHER = {
+    "vectors": "model.name=unet (or, for digits, data.image=false)",
+    "images": "model.name=mlp (or, for digits, data.image=true)",
+}
+
+
+def build_field(settings: Any, shape: int | tuple[int, ...] | list[int]) -> nn.Module:
+    """The field for data of per-sample ``shape``, from a kind's settings (or a mapping with ``name``)."""
+    if isinstance(settings, Mapping):
+        settings = settings_from(settings)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    kind = field_kind(settings.name)
+    if (len(shape) == 1) != (kind.data == "vectors") or len(shape) not in (1, 3):
+        raise ConfigError(
+            f"model.name={kind.name} takes {_SHAPES[kind.data]}, but the data are {shape}: use {_OTHER[kind.data]}."
+        )
+    return kind.build(settings, shape)
