@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 from common import ROOT, setup_threads, table
 
-from flows.config import ModelConfig, ObjectiveConfig, SolverConfig
-from flows.nn import build_field
-from flows.objectives import MaximumLikelihood
+from flows.nn import MLPSettings, build_field
+from flows.objectives import MaximumLikelihood, MLESettings
 
 
 def _status_kib(key: str) -> int:
@@ -43,9 +42,9 @@ def _status_kib(key: str) -> int:
 def child(adjoint: bool, steps: int, dim: int, batch: int, width: int, grads_to: str, repeats: int = 3) -> dict:
     setup_threads(1)
     torch.manual_seed(0)
-    field = build_field(ModelConfig(hidden=[width] * 3, time_features=16), dim)
-    solver = SolverConfig(method="rk4", step_size=1.0 / steps, adjoint=adjoint)
-    objective = MaximumLikelihood(field, solver, ObjectiveConfig(trace="hutchinson", kinetic=0.01, jacobian=0.01))
+    field = build_field(MLPSettings(hidden=[width] * 3, time_features=16), dim)
+    solver = dict(method="rk4", step_size=1.0 / steps, adjoint=adjoint)
+    objective = MaximumLikelihood(field, MLESettings(trace="hutchinson", kinetic=0.01, jacobian=0.01), solver)
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
 
     def step() -> dict:

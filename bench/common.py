@@ -13,8 +13,8 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # tables only; progress bars would drown them
 
+import flows  # noqa: E402
 from flows.config import load_config  # noqa: E402
-from flows.training import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def train_run(config: str | None, overrides: list[str]) -> tuple[Path, float]:
     cfg = load_config(config, overrides)
     start = time.perf_counter()
-    train(cfg)
+    flows.train(cfg)
     return Path(cfg.run_dir), time.perf_counter() - start
 
 

@@ -27,23 +27,23 @@ from pathlib import Path
 import torch
 from common import ROOT, setup_threads, table, train_run, train_zuko_for
 
-from flows import checkpoint
-from flows.config import SolverConfig, load_config
+import flows
+from flows.config import load_config
 from flows.data import bits_per_dim, build_data
-from flows.evaluation import EvalOptions, point_log_likelihood
+from flows.flow import Flow
 from flows.likelihood import auto_trace
 from flows.nn import build_field
 
-EVAL = SolverConfig(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
+EVAL = dict(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
 
 
 def bpd_of(field, data, shape, trace: str, probes: int = 4) -> tuple[float, float]:
     """Bits/dim of the held-out split under ``field`` (one dequantization per image, seeded): the exact
     trace for MLPs, the mean of 4 Hutchinson probes per image for U-Nets (an unbiased estimate)."""
     raw = data.test.reshape(-1, *shape)
-    opts = EvalOptions(EVAL, trace, probes if trace == "hutchinson" else 1)
+    flow = Flow(field, data.preprocess, tuple(shape), EVAL)
     gen = torch.Generator().manual_seed(0)
-    lp = torch.cat([point_log_likelihood(field, part, data.preprocess, opts, gen)[0] for part in raw.split(500)])
+    lp = flow.log_prob(raw, trace=trace, probes=probes if trace == "hutchinson" else 1, generator=gen, batch_size=500)
     nll = -lp.mean().item()
     se = (lp.std() / math.sqrt(len(lp))).item()
     return bits_per_dim(nll, data.dim, data.preprocess.levels), se / (data.dim * math.log(2))
@@ -55,10 +55,10 @@ def ours(config: str, minutes: float, out: Path, overrides: tuple[str, ...] = ()
         str(ROOT / config),
         [f"run_dir={out}/{Path(config).stem}", f"train.time_limit={minutes}", "eval.plot=false", *overrides],
     )
-    loaded = checkpoint.load(run)
+    loaded = flows.load(run)
     data = build_data(loaded.config.data)
     steps = loaded.step
-    trace = auto_trace("auto", data.dim, loaded.config.model.name)
+    trace = auto_trace("auto", loaded.field, loaded.shape)
     final = json.loads((run / "eval.json").read_text())
     if probes == 1 and final["trace"] == trace:  # the trainer's final evaluation is this one: reuse it
         return [f"flows ({Path(config).name})", steps, trace, final["bpd"], final["nll_se"] / (data.dim * math.log(2))]

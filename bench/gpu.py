@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from common import ROOT, table
 
+import flows
 from flows.config import load_config
 from flows.data import build_data
 from flows.nn import build_field
-from flows.training import Trainer, train
+from flows.training import Trainer
 
 UNET = (
     "model.name=unet",
@@ -116,22 +117,16 @@ def images_per_second(step: Callable[[], object], batch: int, warmup: int, steps
     return batch * steps / (time.perf_counter() - start), peak_mib()
 
 
-def fresh_accelerate_state() -> None:
-    """Accelerate keeps one process-wide state; each row sets its own mixed precision."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-
 def trainer_for(out: Path, name: str, overrides: list[str]) -> Trainer:
+    """A trainer for one row; it resets Accelerate's process-wide state itself (``flows.training.new_accelerator``),
+    so each row sets its own mixed precision."""
     run = out / name
     shutil.rmtree(run, ignore_errors=True)
-    fresh_accelerate_state()
     return Trainer(load_config(ROOT / "configs/mnist_fm.yaml", [f"run_dir={run}", *overrides]))
 
 
 def ours(trainer: Trainer) -> Callable[[], object]:
-    batches = trainer._batches()
+    batches = trainer.batches()
     return lambda: trainer.step(next(batches), full_record=False)
 
 
@@ -287,7 +282,7 @@ def main() -> None:
     mem_rows = []
     for tol in ("1e-3", "1e-4", "1e-5"):
         trainer = trainer_for(out, f"mle_{tol}", [*mle, f"solver.atol={tol}", f"solver.rtol={tol}"])
-        batches = trainer._batches()
+        batches = trainer.batches()
         trainer.step(next(batches), full_record=False)
         sync()
         reset_peak()
@@ -317,8 +312,7 @@ def main() -> None:
         ],
     )
     start = time.perf_counter()
-    fresh_accelerate_state()
-    result = train(cfg) or {}
+    result = flows.train(cfg).result or {}  # its Trainer resets Accelerate's state (new_accelerator)
     what = "held-out images" if real else "synthetic images (not a benchmark figure)"
     print(
         f"\n## Bits/dim after {args.minutes:g} min of flow matching ({mp}, OT coupling): "

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from common import ROOT, table, train_run
 
-from flows import checkpoint
-from flows.config import SolverConfig
+import flows
 from flows.sampling import sample
 
 SETUPS = {
@@ -54,8 +53,8 @@ def rate(config: str, overrides: list[str], out: Path) -> float:
 
 def result(run: Path, label: str) -> list:
     ev = json.loads((run / "eval.json").read_text())
-    loaded = checkpoint.load(run)
-    res = sample(loaded.field, 2000, loaded.shape, SolverConfig(adjoint=False))
+    loaded = flows.load(run)
+    res = sample(loaded.field, 2000, loaded.shape, method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
     return [label, ev["step"], ev["nll"], ev["nll_se"], ev.get("bpd", ""), res.nfe]
 
 

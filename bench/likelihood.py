@@ -5,10 +5,11 @@
 
 All three integrate the same trained field with dopri5 (zuko: its own adaptive Dormand-Prince),
 atol = rtol = 1e-5 and the exact trace, on the same 10,000 points in one batch, 2 threads.
-flows: ``flows.evaluation.point_log_likelihood``; flow_matching 1.0: ``ODESolver.compute_likelihood
-(exact_divergence=True)``; zuko 1.6: ``NormalizingFlow(FreeFormJacobianTransform(...), DiagNormal).log_prob``
-with the field run backwards in zuko's time (zuko maps data at t=0 to noise at t=1). For the 64-D
-model the 359 held-out digits are dequantized 28 times each (10,052 points; same inputs for all).
+flows: ``flows.likelihood.log_prob`` (model space, like the others); flow_matching 1.0:
+``ODESolver.compute_likelihood(exact_divergence=True)``; zuko 1.6:
+``NormalizingFlow(FreeFormJacobianTransform(...), DiagNormal).log_prob`` with the field run backwards
+in zuko's time (zuko maps data at t=0 to noise at t=1). For the 64-D model the 359 held-out digits
+are dequantized 28 times each (10,052 points; same inputs for all).
 Without --run2d/--run64 short models are trained first (cached in bench/out/likelihood).
 Every library calls the same backbone, which embeds a time shared by the batch once and broadcasts
 it; the last row forces one embedding per sample (what every contestant paid before that change).
@@ -23,10 +24,9 @@ from pathlib import Path
 import torch
 from common import ROOT, Counted, setup_threads, table, timed, trained_run
 
-from flows import checkpoint
-from flows.config import SolverConfig
+import flows
 from flows.data import build_data
-from flows.likelihood import log_prob_chunked, standard_normal_log_prob
+from flows.likelihood import log_prob, standard_normal_log_prob
 
 
 def inputs(loaded, n: int) -> torch.Tensor:
@@ -39,8 +39,9 @@ def inputs(loaded, n: int) -> torch.Tensor:
 
 def ours(field, x, tol):
     counted = Counted(field)
-    lp, _ = log_prob_chunked(counted, x, SolverConfig(atol=tol, rtol=tol, adjoint=False), "exact", len(x))
-    return lp, counted.calls
+    with torch.no_grad():  # one batch of all points, model space (no preprocessing log-det)
+        res = log_prob(counted, x, trace="exact", method="dopri5", atol=tol, rtol=tol, adjoint=False)
+    return res.log_prob, counted.calls
 
 
 def ours_per_sample_time(field, x, tol):
@@ -100,7 +101,7 @@ def zuko_lp(field, x, tol):
 
 
 def bench(name: str, run: Path, n: int, tol: float, repeats: int) -> list[list]:
-    loaded = checkpoint.load(run)
+    loaded = flows.load(run)
     x = inputs(loaded, n)
     rows, results = [], {}
     contestants = (

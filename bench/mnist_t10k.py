@@ -21,8 +21,7 @@ from common import ROOT, setup_threads, table
 from digits import flow_matching_peer, ours
 from torchvision.utils import save_image
 
-from flows import checkpoint
-from flows.config import SolverConfig
+import flows
 from flows.report import image_grid
 from flows.sampling import sample
 
@@ -68,10 +67,10 @@ def main() -> None:
     for name in args.only.split(","):
         if name == "flows-fm":
             rows.append(ours("configs/mnist_fm.yaml", args.minutes, out, (*small, *FM, *budget), probes=1))
-            image_grid(out / "mnist_fm")
+            image_grid(flows.load(out / "mnist_fm"), out / "mnist_fm" / "samples_grid.png")
         elif name == "flows-mle":
             rows.append(ours("configs/mnist_mle.yaml", args.minutes, out, (*small, *MLE, *budget), probes=1))
-            image_grid(out / "mnist_mle")
+            image_grid(flows.load(out / "mnist_mle"), out / "mnist_mle" / "samples_grid.png")
         elif name == "flow_matching":
             try:
                 row, field = flow_matching_peer(args.minutes, "configs/mnist_fm.yaml", (*small, *FM), probes=1)
@@ -79,8 +78,9 @@ def main() -> None:
                 rows.append([name, f"not installed ({e.name})", "", "", ""])
                 continue
             rows.append(row)
-            solver = checkpoint.load(out / "mnist_fm").config.eval.solver if (out / "mnist_fm").is_dir() else None
-            res = sample(field, 64, (1, 28, 28), solver or SolverConfig(adjoint=False))
+            # the flows-fm run's eval.solver if it ran, else the defaults (dopri5 1e-5)
+            solver = flows.load(out / "mnist_fm").solver if (out / "mnist_fm").is_dir() else {}
+            res = sample(field, 64, (1, 28, 28), **{**solver, "adjoint": False})
             save_image((res.x * 0.5 + 0.5).clamp(0, 1), out / "flow_matching_samples.png", nrow=8, padding=1)
         print(table(["method", "steps", "trace", "bits/dim", "± SE"], rows[-1:]), flush=True)
     print(f"\n## mnist-t10k, 1,000 held-out images, {args.minutes:g} min of training each (1 thread)\n")

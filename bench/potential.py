@@ -38,7 +38,7 @@ import flows
 from flows.data import build_data
 from flows.evaluation import summarize, tolerance_check
 from flows.nn import Potential, TimeMLP
-from flows.ode import NFE, _Dynamics
+from flows.ode import Dynamics
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -72,7 +72,7 @@ def cost_per_evaluation(dims: list[int], batch: int, repeats: int) -> list[list]
         state = (x, torch.zeros(batch))
         timings = {}
         for name, field in (("mlp", mlp), ("potential", pot)):
-            dyn = _Dynamics(field, "exact", None, False, False, NFE())
+            dyn = Dynamics(field, integrals=("divergence",), trace="exact")
 
             def evaluate(dyn=dyn, t=t, state=state):
                 with torch.no_grad():
@@ -118,8 +118,8 @@ def exact_likelihood(run: Path, raw: torch.Tensor, batch: int) -> dict:
     model = flows.load(run)
     lp, info = model.log_prob(raw, trace="exact", batch_size=batch, return_info=True)
     res = summarize(lp, info["variance"], 1, model.dim, model.levels)
-    opts = model.eval_options("exact")
-    check = tolerance_check(model.field, raw[:200], model.preprocess, opts)
+    solver = model.log_prob_options("exact")["solver"]
+    check = tolerance_check(model, raw[:200], trace="exact")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {
         **res,
@@ -128,7 +128,7 @@ def exact_likelihood(run: Path, raw: torch.Tensor, batch: int) -> dict:
         "check_max": check["max_abs_change"],
         "check_ok": check["max_abs_change"] <= res["nll_se"],
         "steps": max(r["step"] for r in steps if "loss" in r),
-        "solver": f"{opts.solver.method} {opts.solver.atol:g}",
+        "solver": f"{solver['method']} {solver['atol']:g}",
     }
 
 

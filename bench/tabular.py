@@ -120,15 +120,14 @@ def exact_test_lp(field, pre, test) -> np.ndarray:
     """Per-row log p in table units: exact trace, dopri5 1e-5 (the same evaluator for everyone)."""
     import torch
 
-    from flows.config import SolverConfig
     from flows.likelihood import log_prob
 
-    solver = SolverConfig(atol=1e-5, rtol=1e-5, adjoint=False)
+    solver = dict(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
     out = []
     with torch.no_grad():
         for part in test.split(1000):
             x = pre(part)
-            out.append(log_prob(field, x, solver, "exact").log_prob.double() + pre.log_det(x))
+            out.append(log_prob(field, x, trace="exact", **solver).log_prob.double() + pre.log_det(x))
     return torch.cat(out).numpy()
 
 
@@ -168,9 +167,9 @@ def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra:
         return {"error": (proc.stderr or proc.stdout)[-800:]}
     import torch
 
-    from flows import checkpoint
+    import flows
 
-    loaded = checkpoint.load(run)
+    loaded = flows.load(run)
     test = torch.from_numpy(np.load(folder / "test.npy"))
     lp = exact_test_lp(loaded.field, loaded.preprocess, test)
     return {"steps": loaded.step, "lp": lp.tolist(), "wall": wall}

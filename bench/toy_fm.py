@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from common import ROOT, records, setup_threads, table, train_run
 
-from flows import checkpoint
-from flows.config import SolverConfig, load_config
+import flows
+from flows.config import load_config
 from flows.data import build_data
-from flows.likelihood import log_prob_chunked
+from flows.likelihood import log_prob
 from flows.sampling import sample
 from flows.training import Trainer, lr_lambda
 
@@ -46,13 +46,14 @@ STEPS_RACE = [
     "train.log_every=100",
     "eval.plot=false",
 ]
-EVAL = SolverConfig(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
+EVAL = dict(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
 
 
 def held_out(field: torch.nn.Module, test: torch.Tensor) -> tuple[float, int]:
     """(NLL over the held-out points, NFE to sample 10k points), dopri5 1e-5, exact trace."""
-    lp, _ = log_prob_chunked(field, test, EVAL, "exact", 10_000)
-    res = sample(field, 10_000, (2,), EVAL, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # model space, in chunks of 10k points
+        lp = torch.cat([log_prob(field, part, trace="exact", **EVAL).log_prob for part in test.split(10_000)])
+    res = sample(field, 10_000, (2,), generator=torch.Generator().manual_seed(0), **EVAL)
     return -lp.double().mean().item(), res.nfe
 
 
@@ -94,7 +95,7 @@ def race(steps: int, out: Path, peers: list[str]) -> list[list]:
     trainer = Trainer(cfg)
     init = copy.deepcopy(trainer.field)
     # the exact batches the trainer will draw (its seeded sampler), for every contestant
-    batches = [b.clone() for b, _ in zip(trainer._batches(), range(steps), strict=False)]
+    batches = [b.clone() for b, _ in zip(trainer.batches(), range(steps), strict=False)]
     test = build_data(cfg.data).test
     # the bare loop runs first and last: machine drift over the race shows as a difference between the two
     bare_first = copy.deepcopy(init)
@@ -102,7 +103,7 @@ def race(steps: int, out: Path, peers: list[str]) -> list[list]:
     trainer.run()
     _, evals = records(Path(cfg.run_dir))
     ours = evals[-1]["train_time"] / steps
-    nll, nfe = held_out(checkpoint.load(cfg.run_dir).field, test)
+    nll, nfe = held_out(flows.load(cfg.run_dir).field, test)
     rows = [["flows (trainer, EMA)", ours * 1e3, 1.0, nll, nfe]]
     nll, nfe = held_out(bare_first.eval().requires_grad_(False), test)
     rows.append(["bare (run first)", first * 1e3, ours / first, nll, nfe])
@@ -125,7 +126,7 @@ def coupling(steps: int, out: Path) -> list[list]:
         run = out / f"coupling_{kind}"
         train_run(None, [*STEPS_RACE, f"train.steps={steps}", f"run_dir={run}", f"objective.coupling={kind}"])
         steps_rec, _ = records(run)
-        nll, nfe = held_out(checkpoint.load(run).field, test)
+        nll, nfe = held_out(flows.load(run).field, test)
         rows.append([kind, steps_rec[-1]["train_time"] / steps * 1e3, nll, nfe])
     rows.append(["ratio ot / independent", rows[1][1] / rows[0][1], "", rows[1][3] / rows[0][3]])
     return rows
@@ -135,7 +136,7 @@ def recipe(out: Path) -> list[list]:
     run, seconds = train_run(str(ROOT / "configs/toy2d_fm.yaml"), [f"run_dir={out}/recipe", "eval.plot=false"])
     result = json.loads((run / "eval.json").read_text())
     _, evals = records(run)
-    _, nfe = held_out(checkpoint.load(run).field, build_data(load_config(None, STEPS_RACE).data).test)
+    _, nfe = held_out(flows.load(run).field, build_data(load_config(None, STEPS_RACE).data).test)
     row = [
         "configs/toy2d_fm.yaml",
         result["step"],

@@ -4,10 +4,16 @@
 >>> model = flows.load("runs/toy2d_mle")   # a run directory or model.safetensors
 >>> x = model.sample(10_000)               # data units
 >>> lp = model.log_prob(x)                 # exact log-density, (N,) float64
+
+Two layers. The core (``flows.nn``, ``flows.ode``, ``flows.likelihood``, ``flows.sampling``,
+``flows.flow``, ...) takes plain keywords and imports neither Accelerate nor the config. The application
+(``flows.train``, ``flows.load``, the config, the trainer, the CLIs) is imported on first use, so
+``import flows.ode`` stays as light as the core.
 """
 
-from flows.api import Run, load, train
-from flows.config import Config, load_config
+from importlib import import_module
+from typing import Any
+
 from flows.errors import CheckpointError, ConfigError, DataError, FlowsError, SolverError, TrainingAborted
 from flows.flow import Flow
 
@@ -27,3 +33,22 @@ __all__ = [
     "SolverError",
     "TrainingAborted",
 ]
+
+# the application's names, imported on first use (PEP 562)
+_APPLICATION = {
+    "Run": "flows.api",
+    "load": "flows.api",
+    "train": "flows.api",
+    "Config": "flows.config",
+    "load_config": "flows.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _APPLICATION:
+        return getattr(import_module(_APPLICATION[name]), name)
+    raise AttributeError(f"module 'flows' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_APPLICATION])

@@ -22,7 +22,6 @@ from flows.config import Config, load_config
 from flows.errors import CheckpointError, ConfigError
 from flows.flow import Flow
 from flows.flowfile import read
-from flows.training import train as run_training
 
 __all__ = ["load", "train", "Run"]
 
@@ -99,5 +98,11 @@ def train(
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
     cfg = load_config(config, overrides, updates)
-    result = run_training(cfg, resume=resume)
-    return Run(Path(cfg.run_dir), cfg, result or {})
+    from flows.training import Trainer  # the trainer (Accelerate, the objectives) loads only to train
+
+    trainer = Trainer(cfg, resume)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.accelerator.end_training()
+    return Run(Path(cfg.run_dir), cfg, result)

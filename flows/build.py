@@ -13,13 +13,14 @@ from torch import nn
 
 from flows.config import Config, to_dict
 from flows.data import Data, build_data
+from flows.errors import CheckpointError
 from flows.flow import Flow
-from flows.flowfile import write
-from flows.nn import build_field
+from flows.flowfile import read_weights, write
+from flows.nn import build_field, settings_from
 from flows.objectives import build_objective
 from flows.preprocess import Preprocess
 
-__all__ = ["make_data", "make_field", "make_objective", "make_flow", "export"]
+__all__ = ["make_data", "make_field", "make_objective", "make_flow", "export", "init_from"]
 
 
 def make_data(cfg: Config) -> Data:
@@ -61,3 +62,23 @@ def export(
         step=step,
         config=to_dict(cfg),
     )
+
+
+def init_from(cfg: Config, field: nn.Module, shape: tuple[int, ...]) -> str:
+    """Copy the EMA weights of the run ``cfg.train.init_from`` into ``field`` (the same network, possibly
+    trained with the other objective); returns a line saying what was loaded."""
+    source = cfg.train.init_from
+    state, meta, path = read_weights(source)
+    theirs = meta["field"].get("name")
+    if (
+        tuple(meta["shape"]) != tuple(shape)
+        or theirs not in (None, cfg.model.name)
+        or settings_from(meta["field"]) != cfg.model
+    ):
+        raise CheckpointError(
+            f"train.init_from='{source}': that run's network ({theirs}, data shape {meta['shape']}) differs from "
+            f"this config's ({cfg.model.name}, {shape}). Use the same model.* settings and data, or drop init_from."
+        )
+    field.load_state_dict(state)
+    objective = meta["config"].get("objective", {}).get("name")
+    return f"initialized from {path} (step {meta['step']}, {objective})"

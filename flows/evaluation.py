@@ -21,7 +21,7 @@ from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.ode import FIXED_STEP_METHODS
 
-__all__ = ["gathered_log_prob", "summarize", "tolerance_check"]
+__all__ = ["gathered_log_prob", "summarize", "describe", "tolerance_check"]
 
 
 @torch.no_grad()
@@ -82,6 +82,15 @@ def summarize(lp: Tensor, var: Tensor, probes: int, dim: int, levels: int | None
         out["bpd"] = (out["nll"] / dim + math.log(levels)) / math.log(2)
         out["bpd_se"] = out["nll_se"] * scale
     return out
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line of an evaluation's numbers: NLL ± se (bits/dim), points, trace, NFE, seconds."""
+    bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
+    return (
+        f"NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
+        f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, {result['seconds']:.1f} s)"
+    )
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from conftest import ROOT, tiny_overrides
 
 import flows
+from flows.api import train
 from flows.config import load_config
 from flows.coupling import ot_coupling
 from flows.data import Preprocess
@@ -34,7 +35,7 @@ from flows.nn import TimeMLP
 from flows.ode import solve
 from flows.paths import sample_time
 from flows.sampling import encode, sample
-from flows.training import Trainer, train
+from flows.training import Trainer
 
 META = torch.device("meta")
 FACTORIES = {
@@ -100,7 +101,7 @@ def test_trainer_puts_field_ema_preprocessing_and_data_on_the_accelerator_device
         # data, preprocessing, noise, times, loss, backward, clipping, the skip flag, EMA. (Fused Adam
         # has no meta kernel: its found_inf is checked instead.)
         flags = []
-        trainer.optimizer_step = lambda: flags.append(trainer.opt.optimizer.found_inf.device)
+        trainer.stepper.optimizer_step = lambda: flags.append(trainer.opt.optimizer.found_inf.device)
         assert trainer.step(next(trainer.batches()), full_record=False) == {}
         assert trainer.step(next(trainer.batches()), full_record=False) == {}
         assert trainer.ema.count == 2 and trainer.guard.skipped.device == META and flags == [META, META]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import ROOT, LinearField, tiny_overrides
 
+from flows.api import train
 from flows.config import load_config
 from flows.data import Preprocess
 from flows.evaluation import summarize, tolerance_check
 from flows.flow import Flow
 from flows.sampling import encode, sample
-from flows.training import train
 
 TIGHT = dict(atol=1e-9, rtol=1e-9)
 

@@ -11,12 +11,12 @@ from conftest import tiny_overrides
 from test_training import run
 
 import flows
+from flows.api import train
 from flows.config import load_config
 from flows.errors import CheckpointError, ConfigError
 from flows.likelihood import log_prob
 from flows.nn import TimeMLP
 from flows.objectives import FlowMatching, FMSettings
-from flows.training import train
 
 
 @pytest.mark.parametrize("path,coupling", [("condot", "independent"), ("condot", "ot"), ("cosine", "independent")])
@@ -60,7 +60,7 @@ def fm_overrides(run_dir, steps=6):
 
 def test_flow_matching_run_is_sampled_and_evaluated_by_the_same_commands(tmp_path):
     run_dir = tmp_path / "fm"
-    result = train(load_config(None, fm_overrides(run_dir)))
+    result = train(load_config(None, fm_overrides(run_dir))).result
     assert math.isfinite(result["nll"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_training import run
 
+from flows.api import train
 from flows.config import DataConfig, load_config
 from flows.data import Preprocess, build_data, image_preprocess
 from flows.data.images import read_idx_images
 from flows.errors import DataError
-from flows.training import train
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def image_overrides(run_dir, objective):
 @pytest.mark.parametrize("objective", ["fm", "mle"])
 def test_unet_on_digit_images_trains_samples_and_reports_bits_per_dim(tmp_path, objective):
     run_dir = tmp_path / objective
-    result = train(load_config(None, image_overrides(run_dir, objective)))
+    result = train(load_config(None, image_overrides(run_dir, objective))).result
     assert result["trace"] == "hutchinson" and np.isfinite(result["bpd"])
     assert (run_dir / "samples_grid.png").is_file()
     proc = run([sys.executable, "sample.py", str(run_dir), "-n", "16", "--steps", "2", "--out", str(tmp_path / "s")])

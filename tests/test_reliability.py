@@ -17,12 +17,12 @@ import torch
 from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
+from flows.api import train
 from flows.cli.evaluate import main as evaluate_main
 from flows.cli.sample import main as sample_main
 from flows.cli.train import DEFAULT_CONFIG
 from flows.cli.train import main as train_main
 from flows.config import load_config
-from flows.training import train
 
 STEPS = 30
 
@@ -113,7 +113,7 @@ def test_a_half_written_save_is_ignored(tmp_path, reference):
     partial.mkdir()
     (partial / "optimizer.bin").write_bytes(b"\x80\x04 torn")
     (run_dir / ".model.safetensors.tmp999").write_bytes(b"torn")
-    train(load_config(run_dir / "config.yaml", [f"train.steps={STEPS}"]), resume=True)
+    train(run_dir=run_dir, resume=True, overrides=[f"train.steps={STEPS}"])
     for key, value in weights(reference).items():
         torch.testing.assert_close(weights(run_dir)[key], value, atol=0, rtol=0)
     assert not partial.exists() and not (run_dir / ".model.safetensors.tmp999").exists()

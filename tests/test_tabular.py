@@ -10,11 +10,12 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
+from flows.api import train
 from flows.config import DataConfig, load_config
 from flows.data import build_data
 from flows.data.suite import load_suite
 from flows.errors import DataError
-from flows.training import Trainer, train
+from flows.training import Trainer
 
 CONFIG = ROOT / "configs/tabular_mle.yaml"
 FAST = ["train.log_every=1", "eval.plot=false", "solver.atol=1e-3", "solver.rtol=1e-3"]
@@ -34,7 +35,7 @@ def test_a_60_row_table_trains_and_evaluates_with_the_default_config(tmp_path, c
     cfg = load_config(CONFIG, [f"data.path={table(tmp_path / 't.npy', 60)}", f"run_dir={tmp_path / 'r'}"])
     assert cfg.train.batch_size > 60  # the default batch is larger than the table
     overrides = [f"data.path={tmp_path / 't.npy'}", f"run_dir={tmp_path / 'r'}", "train.steps=5"]
-    result = train(load_config(CONFIG, overrides))
+    result = train(load_config(CONFIG, overrides)).result
     assert "each batch is the whole table" in capsys.readouterr().out
     assert math.isfinite(result["nll"]) and result["n"] == 12 and "val_nll" in result
     from flows.cli.evaluate import main as evaluate_main

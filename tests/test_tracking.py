@@ -5,10 +5,10 @@ import json
 import pytest
 from conftest import tiny_overrides
 
+from flows.api import train
 from flows.cli.train import main as train_main
 from flows.config import TRACKERS, load_config
 from flows.errors import ConfigError
-from flows.training import train
 
 
 def test_our_tracker_names_are_accelerates():

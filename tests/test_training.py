@@ -10,9 +10,10 @@ import torch
 from conftest import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
+from flows.api import train
 from flows.config import load_config
 from flows.errors import TrainingAborted
-from flows.training import Trainer, train
+from flows.training import Trainer
 
 
 def model_weights(run_dir):
@@ -202,7 +203,7 @@ def test_compiled_flow_matching_trains_and_its_checkpoint_loads_without_compile(
     compiled = probe.accelerator.unwrap_model(probe.objective)._forward_field
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     probe.accelerator.end_training()
-    result = train(load_config(None, overrides))
+    result = train(load_config(None, overrides)).result
     assert result is not None and torch.isfinite(torch.tensor(result["nll"]))
     flow = load(tmp_path / "c")  # plain keys: no _orig_mod prefix
     assert not any("_orig_mod" in k for k in flow.field.state_dict())

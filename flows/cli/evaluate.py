@@ -60,12 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
 
     def go() -> None:
-        import numpy as np
         import torch
         from accelerate import Accelerator
 
         from flows.api import load
-        from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
         from flows.evaluation import gathered_log_prob, summarize, tolerance_check
 
@@ -76,16 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError("--atol and --rtol must be positive")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
-        if args.data:
-            raw = load_array(args.data, ndim=None)
-            source = args.data
-        else:
-            data = build_data(model.config.data)
-            raw = data.test if args.split == "test" else data.train
-            source = f"{model.config.data.name}:{args.split}"
-        check_shape(raw, model.shape, args.data or source)
-        if args.limit:
-            raw = raw[: args.limit]
+        raw, source = points(args, model)
         gen = torch.Generator(acc.device).manual_seed(args.seed + acc.process_index)
         options = dict(trace=args.trace, probes=args.probes, deq_samples=args.deq_samples)
         options |= dict(method=args.method, atol=args.atol, rtol=args.rtol)
@@ -115,21 +104,41 @@ def main(argv: list[str] | None = None) -> None:
             result["tolerance_check"] = check
         if acc.is_main_process:
             report(result)
-            default = model.path.parent / f"eval_{'data' if args.data else args.split}.json"
-            out = Path(args.json) if args.json else default
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if args.per_point is not None:
-                points = Path(args.per_point) if args.per_point else out.with_name(out.stem + "_points.npy")
-                np.save(points, lp.double().cpu().numpy())
-                lowest = lp.argsort()[:5].tolist()
-                print("lowest log p (row: nats): " + ", ".join(f"{i}: {lp[i].item():.3f}" for i in lowest))
-                print(f"wrote {points} (log p of each of the {len(lp):,} rows, input order)")
-                result["per_point"] = str(points)
-            out.write_text(json.dumps(result, indent=2))
-            print(f"wrote {out}")
+            write(args, model.path.parent, result, lp)
         acc.end_training()
 
     run_cli(go)
+
+
+def points(args: argparse.Namespace, model):
+    """The raw points to evaluate (a file, or a split of the run's data) and a name for them."""
+    from flows.data import build_data, check_shape, load_array
+
+    if args.data:
+        raw, source = load_array(args.data, ndim=None), args.data
+    else:
+        data = build_data(model.config.data)
+        raw = data.test if args.split == "test" else data.train
+        source = f"{model.config.data.name}:{args.split}"
+    check_shape(raw, model.shape, args.data or source)
+    return (raw[: args.limit] if args.limit else raw), source
+
+
+def write(args: argparse.Namespace, run_dir: Path, result: dict, lp) -> None:
+    """The JSON result (and with ``--per-point`` log p of every row, in input order)."""
+    import numpy as np
+
+    out = Path(args.json) if args.json else run_dir / f"eval_{'data' if args.data else args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.per_point is not None:
+        rows = Path(args.per_point) if args.per_point else out.with_name(out.stem + "_points.npy")
+        np.save(rows, lp.double().cpu().numpy())
+        lowest = lp.argsort()[:5].tolist()
+        print("lowest log p (row: nats): " + ", ".join(f"{i}: {lp[i].item():.3f}" for i in lowest))
+        print(f"wrote {rows} (log p of each of the {len(lp):,} rows, input order)")
+        result["per_point"] = str(rows)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 def report(r: dict) -> None:

@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
         from accelerate.utils import gather_object
 
         from flows.api import load
-        from flows.data import build_data, check_shape, load_array
         from flows.errors import FlowsError
 
         if args.n <= 0 or args.chunk <= 0:
@@ -55,21 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
         model.solve_options(**solve)  # bad values: an error before any work
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
-        if args.encode:
-            raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
-            check_shape(raw, model.shape, args.data or "test split")
-            mine = raw[: args.n][acc.process_index :: acc.num_processes]
-            x, info = model.encode(
-                mine, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
-            )
-            start = mine
-        else:
-            share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
-            gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
-            x, info = model.sample(
-                share, generator=gen, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
-            )
-            start = info["noise"]
+        x, start, info = (encode_share if args.encode else sample_share)(args, model, acc, solve)
         straightness_sum = info["straightness"] * len(x)  # this process's mean, weighted to combine them
         parts = gather_object(
             [(x.cpu(), start.cpu(), info["kinetic"].cpu(), info["nfe"], info["seconds"], straightness_sum)]
@@ -106,6 +91,29 @@ def main(argv: list[str] | None = None) -> None:
         print("wrote " + ", ".join(str(w) for w in [*written, out / "info.json"]))
 
     run_cli(go)
+
+
+def encode_share(args: argparse.Namespace, model, acc, solve: dict):
+    """This process's share of the points (the run's test split, or --data) mapped to noise."""
+    from flows.data import build_data, check_shape, load_array
+
+    raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
+    check_shape(raw, model.shape, args.data or "test split")
+    mine = raw[: args.n][acc.process_index :: acc.num_processes]
+    x, info = model.encode(mine, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve)
+    return x, mine, info
+
+
+def sample_share(args: argparse.Namespace, model, acc, solve: dict):
+    """This process's share of the samples, from its own seed."""
+    import torch
+
+    share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
+    gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
+    x, info = model.sample(
+        share, generator=gen, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+    )
+    return x, info["noise"], info
 
 
 def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:

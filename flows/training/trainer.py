@@ -13,51 +13,33 @@ synchronization of its own (see ``flows.training.guard``).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flows.build import make_data, make_field, make_flow, make_objective
-from flows.config import Config, to_dict
+from flows.build import init_from, make_data, make_field, make_flow, make_objective
+from flows.config import Config
 from flows.data.batches import Batches
-from flows.errors import CheckpointError, SolverError, TrainingAborted
-from flows.evaluation import gathered_log_prob, summarize
-from flows.flowfile import read_weights
+from flows.errors import TrainingAborted
+from flows.evaluation import describe, gathered_log_prob, summarize
 from flows.objectives import objective_kind
 from flows.report import final_pictures
-from flows.tracking import check_installed, hyperparameters, log_images, tracker_names
+from flows.tracking import hyperparameters, log_images, tracker_names
+from flows.training.accelerator import new_accelerator
 from flows.training.ema import EMA
 from flows.training.guard import StepGuard
 from flows.training.schedule import EvalSchedule, Progress, Selection, lr_lambda
+from flows.training.step import OptimizerStep
 from flows.training.writer import RunWriter
 
-__all__ = ["Trainer", "train", "new_accelerator"]
-
-
-def new_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for ``cfg``. Accelerate keeps one process-wide state: a second run in this process
-    (flows.train in a notebook) may ask for other settings (mixed precision, trackers); the process group
-    itself is kept."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    trackers = tracker_names(cfg)
-    check_installed(trackers)  # before anything is written
-    return Accelerator(
-        step_scheduler_with_optimizer=False,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=trackers or None,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        project_config=ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=f"{cfg.run_dir}/logs"),
-    )
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -74,11 +56,10 @@ class Trainer:
         self.data.preprocess = self.data.preprocess.to(acc.device)
         self.field = make_field(cfg, self.data.shape)
         if tc.init_from and not resume:
-            self._init_from(tc.init_from)
+            acc.print(init_from(cfg, self.field, self.data.shape))
         self.field.to(acc.device)  # before the EMA copy and the optimizer see it
         self.ema = EMA(self.field, acc.device, tc.ema_decay)
         objective = make_objective(cfg, self.field)
-        self._draw = objective.draw  # the unwrapped module's (DDP does not forward attributes)
         # fused Adam: one kernel for all parameters, 3x faster than the default on CPU (0.10 vs 0.34 ms, MLP 3x64)
         opt = torch.optim.Adam(self.field.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         self._split = Batches(
@@ -87,25 +68,16 @@ class Trainer:
         self.schedule = EvalSchedule(tc, acc.num_processes)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: self.schedule.time_fraction))
         self.objective, self.opt, self.sched = acc.prepare(objective, opt, sched)
-        self._params = [p for p in self.objective.parameters() if p.requires_grad]  # cached: walked every step
-        # Accelerate's optimizer wrapper probes for optional packages on every step (~0.25 ms); without a
-        # gradient scaler it only forwards to the optimizer, so step that directly
-        self._plain = self.opt.scaler is None
-        self.optimizer_step = self.opt.optimizer.step if self._plain else self.opt.step
-        self._zero_grad = self.opt.optimizer.zero_grad if self._plain else self.opt.zero_grad
-        # solver failures (maximum likelihood) must be agreed on by all processes before backward
-        self._agree_every_step = objective_kind(cfg.objective.name).solves_ode and acc.num_processes > 1
         self.progress = Progress()
         self.writer = RunWriter(acc, cfg)
+        zero_grad = partial(self.opt.zero_grad, set_to_none=True)
         self.guard = StepGuard(
-            acc,
-            self.progress,
-            tc.max_bad_steps,
-            self.writer.run_dir,
-            self.writer.log,
-            self.save,
-            lambda: self.opt.zero_grad(set_to_none=True),
+            acc, self.progress, tc.max_bad_steps, self.writer.run_dir, self.writer.log, self.save, zero_grad
         )
+        # solver failures (an ODE in the loss) must be agreed on by all processes before backward
+        agree = objective_kind(cfg.objective.name).solves_ode and acc.num_processes > 1
+        parts = (self.objective, self.opt, self.sched, self.ema, self.guard, self.data.preprocess)
+        self.stepper = OptimizerStep(acc, *parts, tc.grad_clip, tc.grad_accum, agree)
         self.selection = Selection(self.data.val is not None, tc.patience, self.progress)
         periodic = self.data.val if self.data.val is not None else self.data.test
         self.eval_points = {"periodic": periodic[: cfg.eval.periodic_size], "final": self.data.test}
@@ -119,21 +91,8 @@ class Trainer:
         else:
             self.writer.check_fresh()
         self.writer.write_config()
-        if acc.log_with:  # TensorBoard: run_dir/logs/<run name>
+        if tracker_names(cfg):  # TensorBoard: run_dir/logs/<run name>
             acc.init_trackers(self.writer.run_dir.name, config=hyperparameters(cfg))
-
-    def _init_from(self, source: str) -> None:
-        """Start from another run's EMA weights: the same network, possibly the other objective."""
-        state, meta, path = read_weights(source)
-        if tuple(meta["shape"]) != self.data.shape or meta["field"] != to_dict(self.cfg.model):
-            raise CheckpointError(
-                f"train.init_from='{source}': that run's network ({meta['field'].get('name')}, data shape "
-                f"{meta['shape']}) differs from this config's ({self.cfg.model.name}, {self.data.shape}). "
-                "Use the same model.* settings and data, or drop init_from."
-            )
-        self.field.load_state_dict(state)
-        objective = meta["config"].get("objective", {}).get("name")
-        self.accelerator.print(f"initialized from {path} (step {meta['step']}, {objective})")
 
     def _batch_size(self) -> int:
         """train.batch_size, or the whole table (a multiple of the process count) when the table is smaller."""
@@ -169,87 +128,9 @@ class Trainer:
             data.shape,
         )
 
-    # ----------------------------------------------------------------- one step
     def step(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
-        """One optimizer step; None if skipped. The metrics record (a collective) only when ``full_record``.
-
-        Without ``full_record`` (and without a gradient scaler) nothing here waits for the device: a
-        non-finite gradient skips the update on the device and is counted at the next checked step.
-        """
-        check = full_record or not self._plain
-        if check:
-            self.guard.check_skipped()
-        x = self.data.preprocess(raw)
-        result = self._forward_backward(x, check)
-        if isinstance(result, str):
-            return self.guard.bad(result)
-        loss, stats = result
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        if self._plain:  # no scaler to unscale with: torch's (foreach) clipping, without Accelerate's checks
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-        else:
-            grad_norm = self.accelerator.clip_grad_norm_(self._params, max_norm)
-        keep = None
-        if check:
-            if not torch.isfinite(grad_norm):
-                return self.guard.bad("non-finite gradient")
-        else:  # gradients are all-reduced, so every process takes the same decision
-            keep = torch.isfinite(grad_norm)
-            self.guard.skipped += ~keep
-        if self._plain:  # the fused optimizer skips its update (step count included) where found_inf is 1
-            self.opt.optimizer.found_inf = None if keep is None else (~keep).to(torch.float32)
-        self.optimizer_step()
-        self.sched.step()
-        self._zero_grad(set_to_none=True)
-        self.ema.update(keep)
-        return self._record(x, loss, stats, grad_norm) if full_record else {}
-
-    def _forward_backward(self, x: Tensor, check: bool) -> tuple[Tensor, dict[str, Any]] | str:
-        """Loss and gradients of the local batch, in ``train.grad_accum`` micro-batches through Accelerate's
-        ``accumulate`` (gradients are synchronized over processes once, after the last one). The objective's
-        random draws are made for the whole batch and sliced, so K micro-batches of B/K give the gradient of
-        one batch of B. Returns (mean loss, stats of the first micro-batch), or the reason to skip the step.
-        """
-        acc, k = self.accelerator, self.cfg.train.grad_accum
-        acc.step = 0  # Accelerate's micro-batch counter: a step always starts a cycle (after a skip, a resume)
-        draws = self._draw(x)
-        micro = zip(x.chunk(k), *(d.chunk(k) for d in draws.values()), strict=True) if k > 1 else [(x, *draws.values())]
-        losses, first = [], {}
-        for xm, *dm in micro:
-            with acc.accumulate(self.objective) if k > 1 else nullcontext():
-                try:
-                    loss, stats = self.objective(xm, dict(zip(draws, dm, strict=True)))
-                    failure = None if not check or torch.isfinite(loss) else "non-finite loss"
-                except SolverError as e:
-                    loss, stats, failure = None, {}, str(e)
-                if (check or self._agree_every_step) and self.guard.any(failure is not None):
-                    return failure or "non-finite loss on another process"
-                if failure is not None:  # one process, between checks: nothing to agree on
-                    return failure
-                acc.backward(loss)  # divided by k when accumulating
-            losses.append(loss.detach())
-            first = first or stats
-        return (losses[0] if k == 1 else torch.stack(losses).mean()), first
-
-    def _record(self, x: Tensor, loss: Tensor, stats: dict[str, Any], grad_norm: Tensor) -> dict[str, Any]:
-        """The metrics of a logging step, averaged over processes (one collective)."""
-        nfe = stats.get("nfe")
-        values = torch.tensor(
-            [
-                loss.item(),
-                stats["nll"].item() - self.data.preprocess.log_det(x).mean().item() if "nll" in stats else torch.nan,
-                stats.get("kinetic", torch.nan),
-                stats.get("jacobian", torch.nan),
-                stats.get("hjb", torch.nan),
-                nfe.forward if nfe else torch.nan,
-                nfe.backward if nfe else torch.nan,
-            ],
-            device=self.accelerator.device,
-        )
-        values = self.accelerator.reduce(values, "mean")
-        names = ("loss", "nll", "kinetic", "jacobian", "hjb", "nfe_forward", "nfe_backward")
-        record = {k: v for k, v in zip(names, values.tolist(), strict=True) if not math.isnan(v)}
-        return record | {"grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0]}
+        """One optimizer step on a raw batch; None if skipped. The metrics record only when ``full_record``."""
+        return self.stepper(self.data.preprocess(raw), full_record)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
@@ -268,11 +149,7 @@ class Trainer:
         }
         split = "validation" if which == "periodic" and self.selection.active else "held-out"
         self.writer.log({"step": self.progress.step, "eval": which, "split": split, **extra, **result})
-        bpd = f", {result['bpd']:.3f} bits/dim" if "bpd" in result else ""
-        self.accelerator.print(
-            f"step {self.progress.step}: {split} NLL {result['nll']:.4f} ± {result['nll_se']:.4f} nats{bpd} "
-            f"({result['n']} points, {result['trace']} trace, NFE {result['nfe']:.0f}, {result['seconds']:.1f} s)"
-        )
+        self.accelerator.print(f"step {self.progress.step}: {split} {describe(result)}")
         return result
 
     def _periodic(self) -> bool:
@@ -364,11 +241,3 @@ class Trainer:
         acc.wait_for_everyone()
         return result
 
-
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (or continue it with ``resume``); returns the final held-out evaluation."""
-    trainer = Trainer(cfg, resume)
-    try:
-        return trainer.run()
-    finally:
-        trainer.accelerator.end_training()

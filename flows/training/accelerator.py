@@ -1,0 +1,28 @@
+"""The Accelerator of a run, made in one place."""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+
+from flows.config import Config
+from flows.tracking import check_installed, tracker_names
+
+__all__ = ["new_accelerator"]
+
+
+def new_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for ``cfg``. Accelerate keeps one process-wide state: a second run in this process
+    (flows.train in a notebook) may ask for other settings (mixed precision, trackers); the process group
+    itself is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    trackers = tracker_names(cfg)
+    check_installed(trackers)  # before anything is written
+    return Accelerator(
+        step_scheduler_with_optimizer=False,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=trackers or None,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        project_config=ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=f"{cfg.run_dir}/logs"),
+    )
