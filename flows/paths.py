@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flows.errors import unknown_value
+
 __all__ = ["PathSample", "AffinePath", "CondOTScheduler", "CosineScheduler", "sample_time", "SCHEDULERS"]
 
 
@@ -70,4 +72,4 @@ def sample_time(
         return torch.rand(n, device=device, generator=generator)
     if kind == "logit_normal":
         return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
-    raise ValueError(f"unknown time sampling {kind!r}: use 'uniform' or 'logit_normal'")
+    unknown_value("time sampling", str(kind), ["uniform", "logit_normal"])

@@ -125,3 +125,24 @@ def test_importing_the_core_loads_neither_accelerate_nor_the_config():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_module_tests_a_kinds_name_but_the_one_that_registers_it():
+    """Kinds by registry: a comparison with a field's, objective's or dataset's name only where it is defined."""
+    from flows.data import DATASETS
+    from flows.nn import FIELDS
+    from flows.objectives import OBJECTIVES
+
+    names = set(FIELDS) | set(OBJECTIVES) | set(DATASETS)
+    own = {"flows/nn/mlp.py", "flows/nn/potential.py", "flows/nn/unet.py", "flows/objectives.py",
+           "flows/data/toy2d.py", "flows/data/images.py", "flows/data/tables.py", "flows/data/suite.py"}  # fmt: skip
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if str(path.relative_to(ROOT)) in own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = [c.value for n in [node.left, *node.comparators] for c in ast.walk(n)
+                             if isinstance(c, ast.Constant)]  # fmt: skip
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {v!r}" for v in constants if v in names]
+    assert not found, found

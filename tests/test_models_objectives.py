@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from flows.errors import FlowsError
 from flows.nn import TimeMLP
 from flows.nn.unet import TimeUNet
 from flows.objectives import MaximumLikelihood, MLESettings
@@ -44,7 +45,7 @@ def test_a_time_shared_by_the_batch_gives_the_per_sample_result(name):
         torch.testing.assert_close(out, per_sample, atol=1e-12, rtol=1e-12)
         (g,) = torch.autograd.grad(out.square().sum(), x)
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(FlowsError, match="expected"):
         field(x, t.repeat(len(x) + 1))
 
 

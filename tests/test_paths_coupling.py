@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flows.coupling import independent, ot_coupling
+from flows.errors import ConfigError
 from flows.paths import SCHEDULERS, AffinePath, sample_time
 
 
@@ -33,7 +34,7 @@ def test_time_sampling():
         assert t.shape == (10_000,) and t.min() > 0 and t.max() < 1
     t = sample_time(20_000, "logit_normal", mean=1.0, std=0.5, generator=g)
     assert abs(t.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01
-    with pytest.raises(ValueError, match="unknown time sampling"):
+    with pytest.raises(ConfigError, match="time sampling: unknown value"):
         sample_time(3, "beta")
 
 

@@ -121,14 +121,15 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
     import numpy as np
     import torch
 
-    from flows.data import build_data
+    from flows.data import DATASETS, build_data
     from flows.ode import solve_path
     from flows.plotting import plot_2d, plot_paths
     from flows.report import grid_log_density, save_grid
 
     written = []
-    if len(model.shape) == 3 or model.config.data.name == "digits":  # images, or digits as 64-D vectors
-        images = data[:64].reshape(-1, *(model.shape if len(model.shape) == 3 else (1, 8, 8)))
+    picture = model.shape if len(model.shape) == 3 else DATASETS[model.config.data.name].image_shape
+    if picture:  # images, or vectors that are pictures (digits as 64-D vectors)
+        images = data[:64].reshape(-1, *picture)
         written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png"))  # levels → [0, 1]
     if model.dim != 2:
         return written

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from flows.errors import ConfigError
+
 __all__ = ["Batches"]
 
 
@@ -34,7 +36,7 @@ class Batches:
         resident_bytes: int = 2**30,
     ):
         if batch_size % world:
-            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+            raise ConfigError(f"batch size {batch_size} is not divisible by {world} processes")
         self.device = torch.device(device)
         self.resident = data.numel() * data.element_size() <= resident_bytes
         if self.resident:

@@ -79,13 +79,16 @@ class DatasetKind:
     name: str
     build: Callable[[DataConfig], Data]
     needs_path: str = ""  # what data.path must name, if the kind reads one
+    image_shape: tuple[int, ...] | None = None  # vectors that are pictures (digits: (1, 8, 8)), for sample grids
 
 
 DATASETS: dict[str, DatasetKind] = {}
 
 
-def register_dataset(name: str, build: Callable[[DataConfig], Data], needs_path: str = "") -> None:
-    DATASETS[name] = DatasetKind(name, build, needs_path)
+def register_dataset(
+    name: str, build: Callable[[DataConfig], Data], needs_path: str = "", image_shape: tuple[int, ...] | None = None
+) -> None:
+    DATASETS[name] = DatasetKind(name, build, needs_path, image_shape)
 
 
 def build_data(cfg: DataConfig) -> Data:

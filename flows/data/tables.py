@@ -137,5 +137,5 @@ def load_array(path: str | Path | None, ndim: int | None = 2) -> Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-register_dataset("digits", build_digits)
+register_dataset("digits", build_digits, image_shape=(1, 8, 8))  # 64-D vectors drawn as 8x8 images
 register_dataset("tabular", build_tabular, needs_path="FILE.npy (or .npz)")

@@ -10,6 +10,7 @@ import torch
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
 
 from flows.data.registry import Data, DataConfig, register_dataset
+from flows.errors import unknown_value
 from flows.preprocess import Preprocess
 
 __all__ = ["TOY_DENSITIES", "sample_toy", "build_toy"]
@@ -87,7 +88,7 @@ TOY_DENSITIES: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
 def sample_toy(name: str, n: int, seed: int) -> np.ndarray:
     """``n`` points of toy density ``name`` as a float32 array of shape (n, 2)."""
     if name not in TOY_DENSITIES:
-        raise KeyError(f"unknown toy density {name!r}; known: {', '.join(TOY_DENSITIES)}")
+        unknown_value("toy density", str(name), list(TOY_DENSITIES))
     return TOY_DENSITIES[name](n, np.random.default_rng(seed)).astype(np.float32)
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from flows.errors import FlowsError
+
 __all__ = ["TimeFeatures", "time_rows"]
 
 
@@ -39,5 +41,5 @@ def time_rows(t: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
     if t.ndim == 0 or t.numel() == 1 or t.stride(0) == 0:
         return t.reshape(-1)[:1].to(dtype)
     if t.shape != (batch,):
-        raise ValueError(f"t has shape {tuple(t.shape)}; expected () or ({batch},)")
+        raise FlowsError(f"t has shape {tuple(t.shape)}; expected () or ({batch},)")
     return t.to(dtype)

@@ -45,7 +45,7 @@ def field_kind(name: str) -> FieldKind:
 def settings_from(values: Mapping[str, Any]) -> Any:
     """A kind's settings from a mapping with ``name`` (e.g. a saved config's ``model`` section); keys of
     other kinds (older files wrote every kind's keys) are left out."""
-    kind = field_kind(values.get("name", "mlp"))
+    kind = field_kind(str(values.get("name")))
     names = {f.name for f in dataclasses.fields(kind.settings)}
     return kind.settings(**{k: v for k, v in values.items() if k in names})
 

@@ -240,4 +240,3 @@ class Trainer:
                 log_images(acc, pictures, progress.step)
         acc.wait_for_everyone()
         return result
-
