@@ -47,7 +47,12 @@ _APPLICATION = {
 def __getattr__(name: str) -> Any:
     if name in _APPLICATION:
         return getattr(import_module(_APPLICATION[name]), name)
-    raise AttributeError(f"module 'flows' has no attribute {name!r}")
+    try:  # a submodule: ``flows.config``, ``flows.evaluation``, ... after a bare ``import flows``
+        return import_module(f"flows.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"flows.{name}":  # the submodule exists but needs a package that is missing
+            raise
+        raise AttributeError(f"module 'flows' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

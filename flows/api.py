@@ -40,8 +40,8 @@ def load(run: str | os.PathLike, weights: str = "ema", device: torch.device | st
         nothing is unpickled.
     """
     flow = read(os.fspath(run), weights)
-    try:
-        flow.config = load_config(flow.config, lenient=True)
+    try:  # a file written without a run config (flows.flowfile.write(config=None)) keeps None
+        flow.config = load_config(flow.config, lenient=True) if flow.config else None
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{flow.path}' has unreadable metadata: {e}") from None
     return flow.to(device) if device is not None else flow
@@ -80,7 +80,8 @@ def train(
 
     Args:
         config: a YAML recipe (``configs/*.yaml``), a :class:`flows.config.Config`, or None for the
-            built-in defaults. With ``resume=True``: None (the run keeps its own ``config.yaml``).
+            built-in defaults. With ``resume=True`` and ``run_dir``: None (the run keeps its own
+            ``config.yaml``); with ``resume=True`` and a config: the run of that config, with that config.
         run_dir: where the run is written (default: the config's ``run_dir``).
         resume: continue the latest checkpoint of ``run_dir``.
         overrides: ``"key.sub=value"`` strings, as on the command line.
@@ -90,9 +91,9 @@ def train(
     Returns:
         The :class:`Run`: its directory, config and final held-out evaluation.
     """
-    if resume:
-        if config is not None or run_dir is None:
-            raise ConfigError("flows.train(resume=True) takes run_dir=... and no config (the run keeps its own).")
+    if resume and run_dir is not None:
+        if config is not None:
+            raise ConfigError("flows.train(resume=True, run_dir=...) takes no config (the run keeps its own).")
         config = Path(run_dir) / "config.yaml"
     updates: dict[str, Any] = dict(sections)
     if run_dir is not None:

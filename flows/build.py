@@ -13,7 +13,7 @@ from torch import nn
 
 from flows.config import Config, to_dict
 from flows.data import Data, build_data
-from flows.errors import CheckpointError
+from flows.errors import CheckpointError, ConfigError
 from flows.flow import Flow
 from flows.flowfile import read_weights, write
 from flows.nn import build_field, settings_from
@@ -69,16 +69,17 @@ def init_from(cfg: Config, field: nn.Module, shape: tuple[int, ...]) -> str:
     trained with the other objective); returns a line saying what was loaded."""
     source = cfg.train.init_from
     state, meta, path = read_weights(source)
-    theirs = meta["field"].get("name")
-    if (
-        tuple(meta["shape"]) != tuple(shape)
-        or theirs not in (None, cfg.model.name)
-        or settings_from(meta["field"]) != cfg.model
-    ):
+    try:
+        same = tuple(meta["shape"]) == tuple(shape) and settings_from(meta["field"]) == cfg.model
+        if same:
+            field.load_state_dict(state)
+    except (ConfigError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"train.init_from='{source}': its weights do not fit this network: {e}") from None
+    if not same:
         raise CheckpointError(
-            f"train.init_from='{source}': that run's network ({theirs}, data shape {meta['shape']}) differs from "
-            f"this config's ({cfg.model.name}, {shape}). Use the same model.* settings and data, or drop init_from."
+            f"train.init_from='{source}': that run's network ({meta['field'].get('name')}, data shape "
+            f"{meta['shape']}) differs from this config's ({cfg.model.name}, {shape}). Use the same model.* "
+            "settings and data, or drop init_from."
         )
-    field.load_state_dict(state)
     objective = meta["config"].get("objective", {}).get("name")
     return f"initialized from {path} (step {meta['step']}, {objective})"

@@ -137,7 +137,7 @@ class EvalConfig:
         _raise_first([(self.batch_size > 0, f"{prefix}batch_size must be > 0")])
 
 
-# the typed variants: section -> (registry of kinds, each with ``settings``), and the default kind
+# the typed variants: section -> its registry of kinds (each kind's ``settings`` class)
 VARIANTS: dict[str, dict[str, Any]] = {"model": FIELDS, "objective": OBJECTIVES}
 
 
@@ -238,7 +238,7 @@ def _variant(section: str, value: Any, default: Any, lenient: bool) -> Any:
         raise ConfigError(f"config key '{section}' must be a mapping, got {value!r}.")
     kinds = VARIANTS[section]
     name = value.get("name", default.name)
-    if name not in kinds:
+    if not isinstance(name, str) or name not in kinds:
         unknown_value(f"{section}.name", str(name), list(kinds))
     cls = kinds[name].settings
     own = {f.name for f in dataclasses.fields(cls)}

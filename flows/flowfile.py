@@ -52,8 +52,9 @@ def write(
     ``config``: the run's configuration as plain data.
     """
     path = Path(path)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
-    tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()}
+    # copies: the two states may share tensors (safetensors refuses shared memory)
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
+    tensors |= {f"ema.{k}": v.detach().cpu().clone().contiguous() for k, v in ema_state.items()}
     tensors |= {k: v.detach().cpu().float() for k, v in preprocess.tensors().items()}
     metadata = {
         "format": FORMAT,
@@ -131,7 +132,7 @@ def read_weights(
             "logit_alpha": float(meta.get("logit_alpha", 0.0)),
             "preprocess": (tensors["preprocess.shift"], tensors["preprocess.scale"]),
         }
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint '{path}' has unreadable metadata: {e}") from None
     prefix = {"ema": "ema.module.", "model": "model."}[weights]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

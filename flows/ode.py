@@ -201,12 +201,12 @@ def solve(
     if trace not in (None, "exact", "hutchinson"):
         unknown_value("trace", str(trace), ["exact", "hutchinson"])
     if jacobian and (trace is None or analytic):
-        raise SolverError(
+        raise ConfigError(
             "the Jacobian regularizer needs trace='exact' or 'hutchinson' and a field without an "
             "analytic divergence (a potential field is regularized by hjb instead)"
         )
     if hjb and not analytic:
-        raise SolverError("the HJB penalty needs a field with an analytic divergence (a potential field)")
+        raise ConfigError("the HJB penalty needs a field with an analytic divergence (a potential field)")
     asked = {"divergence": trace is not None, "kinetic": kinetic, "jacobian": jacobian, "hjb": hjb}
     integrals = tuple(name for name in INTEGRALS if asked[name])
     eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None

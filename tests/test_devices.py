@@ -216,3 +216,24 @@ def test_resident_batches_equal_batches_copied_per_step():
     a, b = host.from_step(7), resident.from_step(7)
     for _ in range(6):
         torch.testing.assert_close(next(a), next(b), rtol=0, atol=0)
+
+
+def test_a_skip_not_yet_counted_travels_with_the_checkpoint(tmp_path):
+    """kill -9 after a save that follows an uncounted skip: the resumed run counts it at the same step."""
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "r", steps=20), "objective.name=fm", "train.log_every=5"])
+    trainer = Trainer(cfg)
+    batches = trainer.batches()
+    trainer.step(next(batches))
+    trainer.progress.step = 1
+    forward = trainer.field.forward
+    trainer.field.forward = lambda x, t: forward(x, t) * float("nan")
+    assert trainer.step(next(batches), full_record=False) == {}  # skipped on the device, not counted yet
+    trainer.field.forward = forward
+    trainer.progress.step = 2
+    trainer.save()
+    trainer.accelerator.end_training()
+    resumed = Trainer(load_config(tmp_path / "r" / "config.yaml"), resume=True)
+    assert resumed.progress.step == 2 and resumed.progress.bad_steps == 0 and int(resumed.guard.skipped) == 1
+    resumed.step(next(resumed.batches()), full_record=True)
+    assert resumed.progress.bad_steps == 1
+    resumed.accelerator.end_training()

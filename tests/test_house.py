@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, tiny_overrides
 
 import flows
@@ -68,9 +69,9 @@ def test_load_config_leaves_the_callers_dict_alone():
 
 def test_the_core_raises_the_packages_own_errors():
     field, x = TimeMLP(2, [4]), torch.randn(3, 2)
-    with pytest.raises(SolverError, match="Jacobian regularizer needs"):
+    with pytest.raises(ConfigError, match="Jacobian regularizer needs"):  # not a solver failure to skip
         solve(field, x, 0.0, 1.0, jacobian=True)
-    with pytest.raises(SolverError, match="HJB penalty needs"):
+    with pytest.raises(ConfigError, match="HJB penalty needs"):
         solve(field, x, 0.0, 1.0, hjb=True)
     with pytest.raises(ConfigError, match="probe: unknown value 'gauss'"):
         solve(field, x, 0.0, 1.0, trace="hutchinson", probe="gauss")
@@ -117,3 +118,46 @@ def test_benchmarks_use_public_names_of_the_package_only():
     elsewhere = [p.name for p in [*(ROOT / "flows").rglob("*.py"), *(ROOT / "bench").glob("*.py")]
                  if "_reset_state" in p.read_text() and p.name != "accelerator.py"]  # fmt: skip
     assert not elsewhere, elsewhere
+
+
+def test_resume_without_a_directory_continues_the_recipes_run_with_the_recipe(tmp_path):
+    from flows.cli.train import main as train_main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "r"), "train": {"steps": 2}}))
+    overrides = [o for o in tiny_overrides(tmp_path / "r", steps=2) if not o.startswith(("run_dir", "train.steps"))]
+    train_main(["--config", str(recipe), *overrides])
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "r"), "train": {"steps": 3}}))  # train longer
+    train_main(["--config", str(recipe), *overrides, "--resume"])  # (a bare --resume goes last)
+    assert flows.load(tmp_path / "r").step == 3
+
+
+def test_a_file_without_a_run_config_loads_and_the_clis_ask_for_data(tmp_path, capsys):
+    from flows.cli.evaluate import main as evaluate_main
+    from flows.flowfile import write
+    from flows.preprocess import Preprocess
+
+    field = TimeMLP(2, [4])
+    pre = Preprocess(torch.tensor(0.0), torch.tensor(1.0))
+    state = field.state_dict()
+    path = write(
+        tmp_path / "model.safetensors",
+        model_state=state,
+        ema_state={f"module.{k}": v for k, v in state.items()},
+        preprocess=pre,
+        field=to_dict(MLPSettings(hidden=[4])),
+        solver={"method": "rk4", "step_size": 0.5},
+        shape=(2,),
+        step=1,
+    )
+    model = flows.load(path)
+    assert model.config is None and model.solver["method"] == "rk4" and model.log_prob(torch.zeros(3, 2)).shape == (3,)
+    with pytest.raises(SystemExit):
+        evaluate_main([str(path)])
+    assert "carries no run config" in capsys.readouterr().err
+
+
+def test_submodules_are_attributes_of_the_package():
+    assert flows.evaluation.summarize and flows.config.load_config is load_config
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        flows.nothing  # noqa: B018

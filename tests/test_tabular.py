@@ -261,3 +261,20 @@ def test_dequantize_adds_uniform_noise_to_integer_columns_only(tmp_path):
     assert delta[:, [0, 2]].std() > 0.2  # uniform noise, not a constant shift
     again = build_data(DataConfig(name="tabular", path=str(tmp_path / "t.npy"), dequantize=True))
     assert torch.equal(again.train, noisy.train)  # drawn once, from the seed
+
+
+def test_the_closing_validation_evaluation_is_not_charged_to_the_time_budget(tmp_path):
+    """With selection, a run whose last step had no evaluation gets one after the loop: outside the budget."""
+    table(tmp_path / "t.npy", 80)
+    trainer, _ = selection_run(tmp_path, [3.0, 2.0], "train.steps=4", "train.eval_every=3")
+    seen = []
+    scripted_evaluate = trainer.evaluate
+
+    def evaluate(which, **extra):
+        seen.append((which, trainer.progress.step, trainer.progress.train_time))
+        return scripted_evaluate(which, **extra)
+
+    trainer.evaluate = evaluate
+    trainer.run()
+    closing = [s for s in seen if s[0] == "periodic" and s[1] == 4]
+    assert closing and trainer.progress.train_time == closing[0][2]

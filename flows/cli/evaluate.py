@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
 def points(args: argparse.Namespace, model):
     """The raw points to evaluate (a file, or a split of the run's data) and a name for them."""
     from flows.data import build_data, check_shape, load_array
+    from flows.errors import FlowsError
 
     if args.data:
         raw, source = load_array(args.data, ndim=None), args.data
+    elif model.config is None:
+        raise FlowsError(f"'{model.path}' carries no run config, so no split to evaluate: pass --data FILE.")
     else:
         data = build_data(model.config.data)
         raw = data.test if args.split == "test" else data.train

@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
 def encode_share(args: argparse.Namespace, model, acc, solve: dict):
     """This process's share of the points (the run's test split, or --data) mapped to noise."""
     from flows.data import build_data, check_shape, load_array
+    from flows.errors import FlowsError
 
+    if not args.data and model.config is None:
+        raise FlowsError(f"'{model.path}' carries no run config, so no test split to encode: pass --data FILE.")
     raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
     check_shape(raw, model.shape, args.data or "test split")
     mine = raw[: args.n][acc.process_index :: acc.num_processes]
@@ -127,11 +130,12 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
     from flows.report import grid_log_density, save_grid
 
     written = []
-    picture = model.shape if len(model.shape) == 3 else DATASETS[model.config.data.name].image_shape
+    kind = DATASETS.get(model.config.data.name) if model.config is not None else None
+    picture = model.shape if len(model.shape) == 3 else kind.image_shape if kind else None
     if picture:  # images, or vectors that are pictures (digits as 64-D vectors)
         images = data[:64].reshape(-1, *picture)
         written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png"))  # levels → [0, 1]
-    if model.dim != 2:
+    if model.dim != 2 or model.config is None:  # the density picture needs the run's data as reference
         return written
     solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
     reference = build_data(model.config.data).test.numpy()

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from flows.cli import run_cli
-from flows.config import load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy2d_mle.yaml"
 
@@ -39,12 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume and args.config:
             raise SystemExit("give either --config or --resume RUN_DIR (the run keeps its own config)")
         path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-        if args.resume is None:
-            train(path, overrides=args.overrides)
-            return
-        # --resume without a directory: the run of the default (or given) recipe
-        run_dir = args.resume or load_config(path, args.overrides).run_dir
-        train(run_dir=run_dir, resume=True, overrides=args.overrides)
+        if args.resume:  # the run keeps its own config.yaml
+            train(run_dir=args.resume, resume=True, overrides=args.overrides)
+        else:  # a new run, or (--resume without a directory) the run of the default or given recipe
+            train(path, resume=args.resume is not None, overrides=args.overrides)
 
     run_cli(go)
 

@@ -45,6 +45,8 @@ def field_kind(name: str) -> FieldKind:
 def settings_from(values: Mapping[str, Any]) -> Any:
     """A kind's settings from a mapping with ``name`` (e.g. a saved config's ``model`` section); keys of
     other kinds (older files wrote every kind's keys) are left out."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"model settings must be a mapping with a name, got {values!r}.")
     kind = field_kind(str(values.get("name")))
     names = {f.name for f in dataclasses.fields(kind.settings)}
     return kind.settings(**{k: v for k, v in values.items() if k in names})

@@ -23,6 +23,7 @@ class Progress:
     best_nll: float | None = None  # model selection on the validation split
     best_step: int = 0
     stale_evals: int = 0  # validation evaluations since the best one
+    pending_skips: int = 0  # steps skipped on the device and not yet counted when the checkpoint was written
 
 
 def lr_lambda(cfg: Config, time_fraction: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:

@@ -49,11 +49,12 @@ class OptimizerStep:
         self.optimizer_step = opt.optimizer.step if self.plain else opt.step
         self.zero_grad = opt.optimizer.zero_grad if self.plain else opt.zero_grad
 
-    def __call__(self, x: Tensor, full_record: bool = True) -> dict[str, Any] | None:
-        """One step on the model-space batch ``x``; None if skipped, the metrics record if ``full_record``."""
+    def __call__(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
+        """One step on the raw batch ``raw``; None if skipped, the metrics record if ``full_record``."""
         check = full_record or not self.plain
-        if check:
+        if check:  # before the batch's dequantization noise is drawn: a stop saves the RNG state as it was
             self.guard.check_skipped()
+        x = self.preprocess(raw)
         result = self._forward_backward(x, check)
         if isinstance(result, str):
             return self.guard.bad(result)

@@ -87,6 +87,7 @@ class Trainer:
             progress, self.selection.best = self.writer.resume(self.ema)
             self.ema.sync_count()
             vars(self.progress).update(progress)
+            self.guard.skipped.fill_(self.progress.pending_skips)
             self.schedule.resume(self.progress.train_time)
         else:
             self.writer.check_fresh()
@@ -117,6 +118,9 @@ class Trainer:
 
     def save(self) -> None:
         """A training checkpoint (the running EMA and the best weights) and the inference file."""
+        # steps skipped on the device since the last check travel with the checkpoint (one sync per save), so a
+        # resumed run counts them at the same step as an uninterrupted one
+        self.progress.pending_skips = int(self.guard.skipped.item())
         data = self.data
         self.writer.save(
             self.progress.step,
@@ -130,7 +134,7 @@ class Trainer:
 
     def step(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
         """One optimizer step on a raw batch; None if skipped. The metrics record only when ``full_record``."""
-        return self.stepper(self.data.preprocess(raw), full_record)
+        return self.stepper(raw, full_record)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
@@ -152,11 +156,13 @@ class Trainer:
         self.accelerator.print(f"step {self.progress.step}: {split} {describe(result)}")
         return result
 
-    def _periodic(self) -> bool:
-        """A periodic evaluation (its time counts against the budget); True when selection says stop."""
+    def _periodic(self, budgeted: bool = True) -> bool:
+        """A periodic evaluation (its time counts against the budget during training, not after it); True when
+        selection says stop."""
         progress, t0 = self.progress, time.perf_counter()
         result = self.evaluate("periodic", train_time=progress.train_time)
-        progress.train_time += time.perf_counter() - t0
+        if budgeted:
+            progress.train_time += time.perf_counter() - t0
         self.schedule.done(progress.step)
         return self.selection.offer(result["nll"], self.ema)
 
@@ -223,7 +229,7 @@ class Trainer:
         acc, progress, selection = self.accelerator, self.progress, self.selection
         self.guard.check_skipped()
         if selection.active and self.schedule.last_eval_step != progress.step:
-            self._periodic()
+            self._periodic(budgeted=False)
         self.save()  # the checkpoint keeps the running EMA (to train on) and the best one
         if selection.restore(self.ema):  # the inference file and the final evaluation use the best
             acc.print(
