@@ -26,7 +26,7 @@ from flows.data.registry import DATASETS, DataConfig
 from flows.errors import ConfigError, unknown_value
 from flows.nn import FIELDS, MLPSettings, field_kind
 from flows.objectives import OBJECTIVES, MLESettings, objective_kind
-from flows.ode import SOLVER_METHODS, SolverOptions, check_method
+from flows.ode import SOLVER_METHODS, SolverOptions, check_method, solver_options
 
 __all__ = [
     "DATASETS",
@@ -61,13 +61,7 @@ class SolverConfig:
         return SolverOptions(**dataclasses.asdict(self))
 
     def check(self, prefix: str = "solver.") -> None:
-        check_method(self.method, f"{prefix}method")
-        checks = [
-            (self.atol > 0 and self.rtol > 0, f"{prefix}atol and {prefix}rtol must be > 0"),
-            (self.step_size is None or self.step_size > 0, f"{prefix}step_size must be > 0"),
-            (self.max_steps > 0, f"{prefix}max_steps must be > 0"),
-        ]
-        _raise_first(checks)
+        solver_options(prefix, **self.options())  # the core's own check, naming the config keys
 
 
 @dataclass

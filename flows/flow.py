@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flows.errors import FlowsError
 from flows.likelihood import auto_trace, log_prob
-from flows.ode import DEFAULTS, FIXED_STEP_METHODS, SolverOptions, check_method, solver_options
+from flows.ode import DEFAULTS, FIXED_STEP_METHODS, SolverOptions, solver_options
 from flows.preprocess import Preprocess
 from flows.sampling import SampleResult, decode, encode, sample, transport_summary
 
@@ -109,20 +109,15 @@ class Flow:
 
         ``steps``: a fixed-step solve with that many steps (rk4 unless ``method`` is a fixed-step method).
         """
-        base, changes = self.solver, {}
-        if method is not None:
-            changes["method"] = check_method(method, "method")
-        for name, value in (("atol", atol), ("rtol", rtol)):
-            if value is not None:
-                if value <= 0:
-                    raise FlowsError(f"{name} must be positive (got {value})")
-                changes[name] = float(value)
+        base = self.solver
+        changes: dict[str, Any] = {"method": method} if method is not None else {}
+        changes |= {k: float(v) for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
         if steps is not None:
             if steps <= 0:
                 raise FlowsError(f"steps must be positive (got {steps})")
             changes["step_size"] = 1.0 / steps
             changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
-        return solver_options(**{**base, **changes, "adjoint": False})
+        return solver_options(**{**base, **changes, "adjoint": False})  # checks method, atol and rtol
 
     # ------------------------------------------------------------------ data units <-> model space
     def _as_data(self, x: Tensor, what: str) -> Tensor:

@@ -63,19 +63,22 @@ DEFAULTS: SolverOptions = {
 }
 
 
-def solver_options(**options: Unpack[SolverOptions]) -> SolverOptions:
-    """``options`` checked and completed with :data:`DEFAULTS` (an unknown keyword or a bad value: ConfigError)."""
+def solver_options(prefix: str = "", **options: Unpack[SolverOptions]) -> SolverOptions:
+    """``options`` checked and completed with :data:`DEFAULTS` (an unknown keyword or a bad value: ConfigError).
+
+    ``prefix`` names where the options come from in messages (``"solver."`` for a config section)."""
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown solver option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}.")
     out: SolverOptions = {**DEFAULTS, **options}  # type: ignore[typeddict-item]
-    check_method(out["method"], "method")
+    check_method(out["method"], f"{prefix}method")
+    p = prefix
     if not (out["atol"] > 0 and out["rtol"] > 0):
-        raise ConfigError(f"atol and rtol must be > 0 (got {out['atol']}, {out['rtol']}).")
+        raise ConfigError(f"invalid value: {p}atol and {p}rtol must be > 0 (got {out['atol']}, {out['rtol']}).")
     if out["step_size"] is not None and out["step_size"] <= 0:
-        raise ConfigError(f"step_size must be > 0 (got {out['step_size']}).")
+        raise ConfigError(f"invalid value: {p}step_size must be > 0 (got {out['step_size']}).")
     if out["max_steps"] <= 0:
-        raise ConfigError(f"max_steps must be > 0 (got {out['max_steps']}).")
+        raise ConfigError(f"invalid value: {p}max_steps must be > 0 (got {out['max_steps']}).")
     return out
 
 
