@@ -16,11 +16,13 @@ from typing import Any
 
 from flows.errors import CheckpointError, ConfigError, DataError, FlowsError, SolverError, TrainingAborted
 from flows.flow import Flow
+from flows.mixture import Mixture
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Flow",
+    "Mixture",
     "Run",
     "load",
     "train",

@@ -42,6 +42,8 @@ def load(run: str | os.PathLike, weights: str = "ema", device: torch.device | st
     flow = read(os.fspath(run), weights)
     try:  # a file written without a run config (flows.flowfile.write(config=None)) keeps None
         flow.config = load_config(flow.config, lenient=True) if flow.config else None
+        for member in getattr(flow, "members", []):  # a mixture's members share the run's config
+            member.config = flow.config
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{flow.path}' has unreadable metadata: {e}") from None
     return flow.to(device) if device is not None else flow
@@ -99,6 +101,10 @@ def train(
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
     cfg = load_config(config, overrides, updates)
+    if cfg.train.members > 1:  # a mixture trained member by member (flows.training.members)
+        from flows.training.members import train_members
+
+        return Run(Path(cfg.run_dir), cfg, train_members(cfg, resume))
     from flows.training import Trainer  # the trainer (Accelerate, the objectives) loads only to train
 
     trainer = Trainer(cfg, resume)

@@ -84,6 +84,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # non-finite loss/gradient or solver failure: stop after this many
     time_limit: float | None = None  # minutes of training and periodic evaluation; the lr schedule spans it
+    members: int = 1  # > 1: train flows one after another (seeds seed, seed+1, ...) and mix them (flows.mixture);
+    # with time_limit, a new member starts only while a fifth of the budget is left
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # flow matching only; never inside ODE solves
     compile: bool = False  # flow matching only: torch.compile the field for the regression (first steps compile)
     init_from: str | None = None  # a run (or model.safetensors) whose EMA weights start this one
@@ -105,6 +107,7 @@ class TrainConfig:
                 (self.patience >= 0, f"{p}patience must be >= 0"),
                 (self.evals_per_budget >= 0, f"{p}evals_per_budget must be >= 0"),
                 (self.time_limit is None or self.time_limit > 0, f"{p}time_limit must be > 0"),
+                (self.members >= 1, f"{p}members must be >= 1"),
             ]
         )
         for name in self.trackers():

@@ -166,8 +166,17 @@ class Flow:
             raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
         solver = self.solve_options(**solve)
         start = time.perf_counter()
+        x, info = self._draw(n, generator, chunk, progress, solver)
+        if not return_info:
+            return x
+        return x, {"seconds": time.perf_counter() - start, **info, "solver": dict(solver)}
+
+    def _draw(
+        self, n: int, generator: torch.Generator | None, chunk: int, progress: bool, solver: SolverOptions
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``)."""
         res = sample(self.field, n, self.shape, chunk=chunk, generator=generator, progress=progress, **solver)
-        return self._result(self._to_data(res.x), res, solver, start, return_info, noise=res.z)
+        return self._to_data(res.x), {"nfe": res.nfe, **transport_summary(res), "kinetic": res.kinetic, "noise": res.z}
 
     @torch.no_grad()
     def decode(

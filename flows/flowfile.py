@@ -5,6 +5,10 @@ refused before anything in it is read, and a truncated or foreign file gives a c
 metadata holds the field's settings and the default solver (``field``, ``solver``; files written
 before those keys existed are read from their ``config``), the data shape, levels and step, and the
 run's whole configuration as JSON, which the application parses (``flows.load``).
+
+A mixture (``train.members``) is one file: its first member is stored as a single flow is (so
+``read_weights`` and ``train.init_from`` see that member), the others under ``members.{k}.``, and the
+metadata key ``mixture`` holds the weights; ``read`` then returns a :class:`flows.mixture.Mixture`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from safetensors.torch import save_file
 
 from flows.errors import CheckpointError, ConfigError
 from flows.flow import Flow
+from flows.mixture import Mixture
 from flows.nn import build_field, settings_from
 from flows.ode import DEFAULTS
 from flows.preprocess import Preprocess
@@ -44,17 +49,23 @@ def write(
     shape: tuple[int, ...],
     step: int,
     config: Mapping[str, Any] | None = None,
+    members: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]] = (),
+    weights: Sequence[float] | None = None,
 ) -> Path:
     """Write the inference file atomically (temp + rename: a kill mid-write leaves the old file intact).
 
     ``model_state``: the raw weights; ``ema_state``: an ``AveragedModel``'s state dict (``module.*``,
     ``n_averaged``); ``field``: the field's settings with ``name``; ``solver``: the default solver options;
-    ``config``: the run's configuration as plain data.
+    ``config``: the run's configuration as plain data. ``members``: the (model, EMA) states of a mixture's
+    other members, and ``weights``: the mixture's weights (the first member's first).
     """
     path = Path(path)
     # copies: the two states may share tensors (safetensors refuses shared memory)
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
     tensors |= {f"ema.{k}": v.detach().cpu().clone().contiguous() for k, v in ema_state.items()}
+    for i, (model_k, ema_k) in enumerate(members, start=1):
+        tensors |= {f"members.{i}.model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_k.items()}
+        tensors |= {f"members.{i}.ema.{k}": v.detach().cpu().clone().contiguous() for k, v in ema_k.items()}
     tensors |= {k: v.detach().cpu().float() for k, v in preprocess.tensors().items()}
     metadata = {
         "format": FORMAT,
@@ -67,6 +78,11 @@ def write(
         "logit_alpha": repr(preprocess.logit_alpha),
         "step": str(step),
     }
+    if members or weights is not None:
+        weights = list(weights) if weights is not None else [1.0 / (len(members) + 1)] * (len(members) + 1)
+        if len(weights) != len(members) + 1:
+            raise CheckpointError(f"{len(weights)} mixture weights for {len(members) + 1} members")
+        metadata["mixture"] = json.dumps([float(w) for w in weights])
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -131,11 +147,17 @@ def read_weights(
             "step": int(meta["step"]),
             "logit_alpha": float(meta.get("logit_alpha", 0.0)),
             "preprocess": (tensors["preprocess.shift"], tensors["preprocess.scale"]),
+            "mixture": json.loads(meta["mixture"]) if "mixture" in meta else None,
         }
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint '{path}' has unreadable metadata: {e}") from None
     prefix = {"ema": "ema.module.", "model": "model."}[weights]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if parsed["mixture"] is not None:  # the other members' states, for read
+        parsed["members"] = [
+            {k[len(f"members.{i}.{prefix}") :]: v for k, v in tensors.items() if k.startswith(f"members.{i}.{prefix}")}
+            for i in range(1, len(parsed["mixture"]))
+        ]
     return state, parsed, path
 
 
@@ -146,19 +168,19 @@ def read(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> F
     preprocessing on. ``Flow.config`` is the run's configuration as plain data (``flows.load`` parses it).
     """
     state, meta, path = read_weights(path, weights, map_location)
-    try:
-        field = build_field(settings_from(meta["field"]), meta["shape"])
-        field.load_state_dict(state)
-    except (RuntimeError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint '{path}' does not match its model config: {e}") from None
     shift, scale = meta["preprocess"]
     pre = Preprocess(shift, scale, meta["levels"], meta["logit_alpha"])
-    return Flow(
-        field.eval().requires_grad_(False),
-        pre,
-        meta["shape"],
-        {**DEFAULTS, **meta["solver"]},
-        meta["config"],
-        meta["step"],
-        path,
-    )
+    flows = []
+    for member in [state, *meta.get("members", [])]:
+        try:
+            field = build_field(settings_from(meta["field"]), meta["shape"])
+            field.load_state_dict(member)
+        except (RuntimeError, ConfigError, TypeError) as e:
+            raise CheckpointError(f"checkpoint '{path}' does not match its model config: {e}") from None
+        solver = {**DEFAULTS, **meta["solver"]}
+        flows.append(
+            Flow(field.eval().requires_grad_(False), pre, meta["shape"], solver, meta["config"], meta["step"], path)
+        )
+    if meta["mixture"] is None:
+        return flows[0]
+    return Mixture(flows, meta["mixture"], path)

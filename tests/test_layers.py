@@ -28,6 +28,7 @@ CORE = {
     "flows.sampling",
     "flows.preprocess",
     "flows.flow",
+    "flows.mixture",
     "flows.flowfile",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}

@@ -48,6 +48,7 @@ class OptimizerStep:
         self.plain = opt.scaler is None
         self.optimizer_step = opt.optimizer.step if self.plain else opt.step
         self.zero_grad = opt.optimizer.zero_grad if self.plain else opt.zero_grad
+        self.work = 1.0  # the work of the last step: 1, or its function evaluations when the loss solves an ODE
 
     def __call__(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
         """One step on the raw batch ``raw``; None if skipped, the metrics record if ``full_record``."""
@@ -59,6 +60,7 @@ class OptimizerStep:
         if isinstance(result, str):
             return self.guard.bad(result)
         loss, stats = result
+        self.work = self._work(stats)
         if self.plain:  # no scaler to unscale with: torch's (foreach) clipping, without Accelerate's checks
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         else:
@@ -104,6 +106,17 @@ class OptimizerStep:
             losses.append(loss.detach())
             first = first or stats
         return (losses[0] if k == 1 else torch.stack(losses).mean()), first
+
+    def _work(self, stats: dict[str, Any]) -> float:
+        """1 per step, or the step's function evaluations (forward + backward, all micro-batches; the mean over
+        processes, so every process plans the time budget alike)."""
+        nfe = stats.get("nfe")
+        if nfe is None:
+            return 1.0
+        work = float(nfe.total * self.grad_accum)
+        if self.acc.num_processes > 1:
+            work = float(self.acc.reduce(torch.tensor([work], device=self.acc.device), "mean").item())
+        return work
 
     def _record(self, x: Tensor, loss: Tensor, stats: dict[str, Any], grad_norm: Tensor) -> dict[str, Any]:
         """The metrics of a logging step, averaged over processes (one collective)."""

@@ -35,7 +35,7 @@ from flows.tracking import hyperparameters, log_images, tracker_names
 from flows.training.accelerator import new_accelerator
 from flows.training.ema import EMA
 from flows.training.guard import StepGuard
-from flows.training.schedule import EvalSchedule, Progress, Selection, lr_lambda
+from flows.training.schedule import EvalSchedule, Plan, Progress, Selection, lr_lambda
 from flows.training.step import OptimizerStep
 from flows.training.writer import RunWriter
 
@@ -65,17 +65,19 @@ class Trainer:
         self._split = Batches(
             self.data.train, self._batch_size(), tc.seed, acc.process_index, acc.num_processes, acc.device
         )
-        self.schedule = EvalSchedule(tc, acc.num_processes)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: self.schedule.time_fraction))
-        self.objective, self.opt, self.sched = acc.prepare(objective, opt, sched)
         self.progress = Progress()
+        self.schedule = EvalSchedule(tc, self.progress)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.progress))
+        self.objective, self.opt, self.sched = acc.prepare(objective, opt, sched)
         self.writer = RunWriter(acc, cfg)
         zero_grad = partial(self.opt.zero_grad, set_to_none=True)
         self.guard = StepGuard(
             acc, self.progress, tc.max_bad_steps, self.writer.run_dir, self.writer.log, self.save, zero_grad
         )
         # solver failures (an ODE in the loss) must be agreed on by all processes before backward
-        agree = objective_kind(cfg.objective.name).solves_ode and acc.num_processes > 1
+        solves_ode = objective_kind(cfg.objective.name).solves_ode
+        self.work_unit = "function evaluations" if solves_ode else "steps"  # what Progress.work counts
+        agree = solves_ode and acc.num_processes > 1
         parts = (self.objective, self.opt, self.sched, self.ema, self.guard, self.data.preprocess)
         self.stepper = OptimizerStep(acc, *parts, tc.grad_clip, tc.grad_accum, agree)
         self.selection = Selection(self.data.val is not None, tc.patience, self.progress)
@@ -88,9 +90,10 @@ class Trainer:
             self.ema.sync_count()
             vars(self.progress).update(progress)
             self.guard.skipped.fill_(self.progress.pending_skips)
-            self.schedule.resume(self.progress.train_time)
+            self.schedule.resume()
         else:
             self.writer.check_fresh()
+        self.plan = Plan(tc, self.progress)
         self.writer.write_config()
         if tracker_names(cfg):  # TensorBoard: run_dir/logs/<run name>
             acc.init_trackers(self.writer.run_dir.name, config=hyperparameters(cfg))
@@ -166,12 +169,40 @@ class Trainer:
         self.schedule.done(progress.step)
         return self.selection.offer(result["nll"], self.ema)
 
-    def _agreed_time(self) -> float:
-        """The training time used, the largest over processes (a collective when there are several)."""
-        acc, value = self.accelerator, self.progress.train_time
+    def _agreed(self, value: float, how: str = "max") -> float:
+        """``value`` agreed over processes, the largest (or ``how``) of them (a collective when there are several)."""
+        acc = self.accelerator
         if acc.num_processes == 1:
             return value
-        return float(acc.reduce(torch.tensor([value], device=acc.device, dtype=torch.float64), "max").item())
+        return float(acc.reduce(torch.tensor([value], device=acc.device, dtype=torch.float64), how).item())
+
+    def _plan_due(self, log_now: bool) -> bool:
+        """Time to fix the plan (``Plan.ready``); several processes decide together, at logging steps."""
+        if not self.plan.pending:
+            return False
+        if self.accelerator.num_processes == 1:
+            return self.plan.ready()
+        return log_now and self._agreed(float(self.plan.ready())) > 0
+
+    def _fix_plan(self) -> bool:
+        """Turn what is left of the time budget into work (``Plan``), after one timed periodic evaluation
+        when the run evaluates periodically; True when that evaluation says stop."""
+        tc, progress, stop, seconds = self.cfg.train, self.progress, False, 0.0
+        evaluate = bool(tc.eval_every or self.schedule.marks())
+        if evaluate:
+            t0 = time.perf_counter()
+            stop = self._periodic()
+            seconds = self._agreed(time.perf_counter() - t0)
+        horizon = self.plan.fix(self._agreed(progress.train_time), seconds, self.schedule.evals_left())
+        progress.horizon = self._agreed(horizon, "min")  # identical on every process
+        if evaluate:  # the marks passed by now count as evaluated
+            self.schedule.done(progress.step)
+        self.writer.log({"step": progress.step, "planned_work": progress.horizon, "work": progress.work})
+        self.accelerator.print(
+            f"step {progress.step}: the time budget fits {progress.horizon:.0f} {self.work_unit} in all; "
+            "the learning-rate schedule and the evaluation marks span them"
+        )
+        return stop
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -187,22 +218,34 @@ class Trainer:
         batches, budget = self.batches(), 60 * tc.time_limit if tc.time_limit is not None else None
         self.objective.train()
         while progress.step < tc.steps:
+            if progress.horizon is not None and progress.work >= progress.horizon:
+                acc.print(f"the planned work of the time budget is done at step {progress.step}")
+                break
             log_now = (progress.step + 1) % tc.log_every == 0 or progress.step == 0
-            if budget is not None and (log_now or acc.num_processes == 1):  # processes agree on logging steps
-                self.schedule.time_fraction = self._agreed_time() / budget
-                if self.schedule.time_fraction >= 1:
-                    acc.print(f"time limit of {tc.time_limit} min reached at step {progress.step}")
-                    break
+            # the clock is a safety stop (the plan normally ends first); processes agree on logging steps
+            if (
+                budget is not None
+                and (log_now or acc.num_processes == 1)
+                and self._agreed(progress.train_time) >= budget
+            ):
+                acc.print(f"time limit of {tc.time_limit} min reached at step {progress.step}")
+                break
             raw, t0 = next(batches), time.perf_counter()
             record = self.step(raw, full_record=log_now)
-            progress.train_time += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            progress.train_time += seconds
             if record is None:
                 continue
             progress.step += 1
+            progress.work += self.stepper.work
+            self.plan.observe(seconds)
             bar.update(1)
             if log_now:
                 self._log_step(record, t0, bar)
-            if self.schedule.due(progress.step, log_now) and progress.step < tc.steps and self._periodic():
+            stop = self._fix_plan() if self._plan_due(log_now) else False
+            if not stop and self.schedule.due(progress.step) and progress.step < tc.steps:
+                stop = self._periodic()
+            if stop:
                 acc.print(
                     f"early stopping at step {progress.step}: no better validation NLL in {tc.patience} "
                     f"evaluations (best {progress.best_nll:.4f} at step {progress.best_step})"
@@ -236,7 +279,7 @@ class Trainer:
                 f"kept the EMA weights of step {progress.best_step} (validation NLL {progress.best_nll:.4f} nats)"
             )
             self.writer.export(self.field, self.ema, self.data.preprocess, self.data.shape, progress.step)
-        result = self.evaluate("final", train_time=progress.train_time)
+        result = self.evaluate("final", train_time=progress.train_time) | {"train_time": progress.train_time}
         if selection.active:
             result |= {"best_step": progress.best_step, "val_nll": progress.best_nll}
         self.writer.write_result(progress.step, result)

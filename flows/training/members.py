@@ -1,0 +1,188 @@
+"""A mixture of flows trained one after another within one budget (``train.members`` > 1).
+
+Member k is an ordinary run in ``run_dir/members/k`` (seed ``train.seed + k``), with what is left of the
+time budget as its own: validation stops a member early on a small table, and the rest of the budget
+goes to the next one. A member starts only while a fifth of the budget is left (``MIN_SHARE``), so on a
+large table, where the first member uses the whole budget, the model stays a single flow. The mixture is
+chosen on the validation rows: members in order of their validation NLL, each kept if the equal-weight
+mixture's validation NLL does not get worse (greedy ensemble selection). Its inference file is
+``run_dir/model.safetensors``, a :class:`flows.mixture.Mixture` to ``flows.load``; ``eval.json`` holds the
+held-out NLL of the mixture and what each member scored.
+
+Resume: finished members (their ``eval.json``) are kept, the member in progress resumes from its
+checkpoint, and the budget counts every member's training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from flows import checkpoint
+from flows.build import make_data
+from flows.config import Config, load_config, to_dict
+from flows.errors import TrainingAborted
+from flows.evaluation import describe, gathered_log_prob, summarize
+from flows.flowfile import MODEL_FILE, read, write
+from flows.report import final_pictures
+from flows.training.accelerator import new_accelerator
+from flows.training.trainer import Trainer
+
+__all__ = ["train_members", "choose", "MIN_SHARE"]
+
+MIN_SHARE = 0.2  # a member starts only while this share of the time budget is left
+MEMBER_FILE = "member.json"  # in a member's folder once it is finished: the budget it used
+
+
+def _member_config(cfg: Config, k: int, left: float | None) -> Config:
+    tc = dataclasses.replace(
+        cfg.train, seed=cfg.train.seed + k, members=1, time_limit=None if left is None else left / 60
+    )
+    return dataclasses.replace(
+        cfg,
+        run_dir=str(Path(cfg.run_dir) / "members" / str(k)),
+        train=tc,
+        eval=dataclasses.replace(cfg.eval, plot=False),
+    )
+
+
+def _train_one(cfg: Config, resume: bool) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.accelerator.end_training()
+
+
+def choose(val_lp: torch.Tensor) -> list[int]:
+    """Greedy ensemble selection on validation log-densities ``(M, N)``: the best member first, then each
+    next-best one if the equal-weight mixture's mean log-density does not decrease."""
+    order = torch.argsort(-val_lp.mean(1)).tolist()
+    chosen = [order[0]]
+
+    def score(members: list[int]) -> float:
+        return float((torch.logsumexp(val_lp[members], 0) - math.log(len(members))).mean())
+
+    for m in order[1:]:
+        if score([*chosen, m]) >= score(chosen):
+            chosen.append(m)
+    return chosen
+
+
+def _share(left: float | None, first: float | None, slots: int) -> float | None:
+    """The budget of the next member: what is left split over the member slots still open, or, when the
+    first member's time says fewer fit, over as many as fit (at least one)."""
+    if left is None:
+        return None
+    fit = max(1, math.floor(left / first)) if first else slots
+    return left / max(1, min(slots, fit))
+
+
+def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    root, tc = Path(cfg.run_dir), cfg.train
+    acc = new_accelerator(cfg)
+    if not resume and ((root / MODEL_FILE).exists() or (root / "members").exists()):
+        raise TrainingAborted(
+            f"run directory '{root}' already holds a run. Continue it with --resume {root}, or choose another "
+            "directory with run_dir=... (nothing was changed)."
+        )
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    acc.wait_for_everyone()
+    budget = 60 * tc.time_limit if tc.time_limit is not None else None
+    used, first, trained = 0.0, None, []  # seconds of the budget used (each member's wall time), member 0's
+    for k in range(tc.members):
+        folder = root / "members" / str(k)
+        if (folder / MEMBER_FILE).exists():  # finished before a resume
+            seconds = json.loads((folder / MEMBER_FILE).read_text())["budget_seconds"]
+        else:
+            started = checkpoint.latest_checkpoint(folder) is not None
+            left = None if budget is None else budget - used
+            if not started:
+                if k > 0 and left is not None and left < MIN_SHARE * budget:
+                    break
+                if acc.is_main_process and folder.exists():  # killed before its first checkpoint: start again
+                    shutil.rmtree(folder)
+                acc.wait_for_everyone()
+            member = (
+                load_config(folder / "config.yaml")
+                if started
+                else _member_config(cfg, k, _share(left, first, tc.members - k))
+            )
+            acc.print(f"member {k}: {'resuming' if started else 'training'} in {folder}")
+            t0 = time.perf_counter()
+            result = _train_one(member, started)
+            # the budget counts the member's wall time (its start, final evaluation and files too), at least its
+            # training time (all of it, when it was resumed)
+            seconds = max(result["train_time"], time.perf_counter() - t0)
+            if acc.is_main_process:
+                (folder / MEMBER_FILE).write_text(json.dumps({**result, "budget_seconds": seconds}, indent=2))
+            acc.wait_for_everyone()
+        used += seconds
+        first = seconds if first is None else first
+        trained.append(folder)
+    return _mix(cfg, trained, used)
+
+
+def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
+    """Choose the mixture on the validation rows, write its inference file, evaluate it on the test rows."""
+    root = Path(cfg.run_dir)
+    acc = new_accelerator(cfg)
+    data = make_data(cfg)
+    members = [read(folder).to(acc.device) for folder in trained]
+    opts = {"trace": cfg.eval.trace}
+    if data.val is not None:
+        val = data.val[: cfg.eval.periodic_size]
+        val_lp = torch.stack([gathered_log_prob(acc, m, val, cfg.eval.batch_size, **opts)[0].cpu() for m in members])
+        chosen = choose(val_lp)
+    else:  # nothing to choose on: every member, equally
+        val_lp, chosen = None, list(range(len(members)))
+    states = [load_file(str(trained[i] / MODEL_FILE)) for i in chosen]
+
+    def part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    first = members[chosen[0]]
+    if acc.is_main_process:
+        write(
+            root / MODEL_FILE,
+            model_state=part(states[0], "model."),
+            ema_state=part(states[0], "ema."),
+            preprocess=first.preprocess.to("cpu"),
+            field=to_dict(cfg.model),
+            solver=cfg.eval.solver.options(),
+            shape=first.shape,
+            step=first.step,
+            config=to_dict(cfg),
+            members=[(part(s, "model."), part(s, "ema.")) for s in states[1:]],
+            weights=[1 / len(chosen)] * len(chosen) if len(chosen) > 1 else None,
+        )
+    acc.wait_for_everyone()
+    model = read(root).to(acc.device)
+    lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, **opts)
+    result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
+    result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
+    result |= {"members": len(members), "chosen": chosen}
+    if val_lp is not None:
+        mixed = torch.logsumexp(val_lp[chosen], 0) - math.log(len(chosen))
+        result |= {"val_nll": float(-mixed.mean()), "member_val_nll": [float(-v) for v in val_lp.mean(1)]}
+    acc.print(f"mixture of members {chosen} (of {len(members)}): held-out {describe(result)}")
+    if acc.is_main_process:
+        (root / "eval.json").write_text(json.dumps({"step": model.step, **result}, indent=2))
+        with (root / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": model.step, "eval": "final", "split": "held-out", **result}) + "\n")
+        if cfg.eval.plot:
+            final_pictures(model, data.test, root, data.name)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result

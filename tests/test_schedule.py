@@ -1,0 +1,100 @@
+"""The learning-rate schedule is a function of the step and the work done, never of the clock: with a
+time limit, a run that the step count ends repeats bit for bit, and a run killed and resumed after its
+plan was fixed equals the uninterrupted one, also when the planned budget ends it."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import ROOT
+from test_reliability import config, env, weights
+
+from flows.api import train
+from flows.config import load_config
+from flows.training.schedule import Plan, Progress, lr_lambda
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=0, rtol=0, msg=key)
+
+
+def test_a_run_with_a_time_limit_that_the_step_count_ends_repeats_bit_for_bit(tmp_path):
+    # cosine after 20 warm-up steps, a 12 s budget the 40 steps (~1 s) stay far from: the clock used to set
+    # the lr of the first step after warm-up (a few % of the budget used by then)
+    extra = ("train.schedule=cosine", "train.steps=40", "train.warmup_steps=20", "train.time_limit=0.2")
+    train(config(tmp_path / "a", *extra))
+    train(config(tmp_path / "b", *extra))
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_the_schedule_reads_the_planned_work_not_the_clock():
+    cfg = load_config(None, ["train.schedule=cosine", "train.warmup_steps=10", "train.steps=1000000"])
+    progress = Progress()
+    factor = lr_lambda(cfg, progress)
+    assert factor(4) == 0.5 and factor(50) > 0.999999  # warm-up, then (no plan yet) the step cap only
+    progress.work, progress.horizon = 500.0, 1000.0
+    assert abs(factor(50) - 0.5) < 1e-12  # half the planned work: half-way down the cosine
+    progress.work = 1000.0
+    assert factor(50) == 0.0
+
+
+def test_the_plan_fits_the_budget_with_its_evaluations():
+    cfg = load_config(None, ["train.time_limit=1", "train.eval_every=0"])
+    progress = Progress()
+    plan = Plan(cfg.train, progress)
+    for step in range(1, Plan.AT + 1):
+        progress.step, progress.work = step, 10.0 * step  # 10 function evaluations a step
+        plan.observe(0.1)  # 0.1 s a step: 0.01 s per unit
+    assert plan.ready()
+    horizon = plan.fix(used=10.0, eval_seconds=2.0, evals_left=8)  # 50 s left, 8 x 2.5 s of evaluations
+    assert abs(horizon - (300 + Plan.SHARE * 30 / 0.01)) < 1e-6
+    assert not plan.pending
+
+
+def _resume(run_dir, *extra):
+    return [sys.executable, "train.py", "--resume", str(run_dir), *extra]
+
+
+def test_kill_9_and_resume_equal_the_uninterrupted_run_when_the_planned_budget_ends_it(tmp_path):
+    # a run whose plan is fixed at step 30 of a 2.4 s budget, with a checkpoint every 10 steps
+    first = tmp_path / "first"
+    extra = ("train.schedule=cosine", "train.steps=100000", "train.time_limit=0.04", "train.keep_checkpoints=1000")
+    train(config(first, *extra, "train.save_every=10"))
+    ckpt = first / "checkpoints" / "step_00000040"
+    saved = json.loads((ckpt / "progress.json").read_text())
+    horizon, per_step = saved["horizon"], saved["work"] / 40  # work: function evaluations
+    assert horizon is not None and horizon > saved["work"] + 20 * per_step, saved  # fixed before step 40, and saved
+    # from that checkpoint: once without interruption, once killed half-way and resumed; the clock is far
+    # from ending either (a 10-minute limit: the saved plan ends both)
+    for name in ("a", "b"):
+        shutil.copytree(first, tmp_path / name)
+        for later in (tmp_path / name / "checkpoints").glob("step_*"):
+            if later.name > ckpt.name:
+                shutil.rmtree(later)
+    train(run_dir=tmp_path / "a", resume=True, overrides=["train.time_limit=10"])
+    kill_step = int(40 + (horizon - saved["work"]) / per_step / 2)
+    proc = subprocess.Popen(
+        _resume(tmp_path / "b", "train.time_limit=10"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log, deadline = tmp_path / "b" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if f'"step": {kill_step},' in log.read_text():
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = subprocess.run(_resume(tmp_path / "b"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "planned work of the time budget is done" in done.stdout + done.stderr
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
