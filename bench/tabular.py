@@ -116,14 +116,11 @@ def write_split(name: str, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------ workers (one process each)
-def exact_test_lp(field, pre, test) -> np.ndarray:
+def exact_test_lp(flow, test) -> np.ndarray:
     """Per-row log p in table units: exact trace, dopri5 1e-5 (the same evaluator for everyone): ``Flow.log_prob``,
-    the package's one log-density path in data units, on each contestant's field and preprocessing."""
-    from flows.flow import Flow
-
-    solver = dict(method="dopri5", atol=1e-5, rtol=1e-5, adjoint=False)
-    flow = Flow(field, pre, tuple(test.shape[1:]), solver)
-    return flow.log_prob(test, trace="exact", batch_size=1000).cpu().numpy()
+    the package's one log-density path in data units (a ``flows.Mixture`` too), on each contestant's model."""
+    solver = dict(method="dopri5", atol=1e-5, rtol=1e-5)
+    return flow.log_prob(test, trace="exact", batch_size=1000, **solver).cpu().numpy()
 
 
 POTENTIAL = [  # maximum likelihood on the potential field, OT-Flow's objective, RK4 in training
@@ -166,7 +163,7 @@ def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra:
 
     loaded = flows.load(run)
     test = torch.from_numpy(np.load(folder / "test.npy"))
-    lp = exact_test_lp(loaded.field, loaded.preprocess, test)
+    lp = exact_test_lp(loaded, test)
     return {"steps": loaded.step, "lp": lp.tolist(), "wall": wall}
 
 
@@ -301,6 +298,28 @@ def main() -> None:
     ]
     print(fmt(headers, rows))
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    if len(budgets) > 1 and "flows" in args.only.split(","):
+        print(more_budget(results, tables, budgets))
+
+
+def more_budget(results: dict, tables: list[str], budgets: list[float]) -> str:
+    """The target 'more budget never hurts': flows' NLL at the longest budget minus at the shortest, paired on
+    the same test rows, against one standard error of the shorter run's NLL."""
+    from common import table as fmt
+
+    short, long = min(budgets), max(budgets)
+    rows = []
+    for t in tables:
+        a, b = results.get((t, "flows", short), {}), results.get((t, "flows", long), {})
+        if "lp" not in a or "lp" not in b:
+            continue
+        lp_a, lp_b = np.asarray(a["lp"]), np.asarray(b["lp"])
+        diff = lp_a - lp_b  # NLL(long) − NLL(short) per row
+        se = lp_a.std(ddof=1) / math.sqrt(len(lp_a))
+        verdict = "met" if diff.mean() <= se else "**missed**"
+        rows.append([t, f"{-lp_a.mean():.3f}", f"{-lp_b.mean():.3f}", f"{diff.mean():+.3f}", f"{se:.3f}", verdict])
+    headers = ["table", f"{short:g} min", f"{long:g} min", "difference (paired)", "1 SE", "≤ +1 SE"]
+    return f"\n## More budget: flows at {long:g} min against {short:g} min\n\n" + fmt(headers, rows)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def test_with_a_time_limit_the_schedule_ends_with_the_budget(tmp_path):
         f"data.path={tmp_path / 't.npy'}",
         f"run_dir={tmp_path / 'r'}",
         "train.time_limit=0.05",
+        "train.members=1",  # one run's schedule (members: tests/test_mixture.py)
         "train.evals_per_budget=0",
         "train.steps=1000000",
         "train.warmup_steps=1",

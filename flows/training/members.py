@@ -79,12 +79,11 @@ def choose(val_lp: torch.Tensor) -> list[int]:
 
 
 def _share(left: float | None, first: float | None, slots: int) -> float | None:
-    """The budget of the next member: what is left split over the member slots still open, or, when the
-    first member's time says fewer fit, over as many as fit (at least one)."""
-    if left is None:
-        return None
-    fit = max(1, math.floor(left / first)) if first else slots
-    return left / max(1, min(slots, fit))
+    """The budget of the next member: all that is left for the first; then what is left split over the
+    member slots still open, or, when the first member's time says fewer fit, over as many as fit."""
+    if left is None or first is None:  # no limit, or the first member: all of it
+        return left
+    return left / max(1, min(slots, math.floor(left / first)))
 
 
 def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:

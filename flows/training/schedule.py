@@ -119,8 +119,14 @@ class Plan:
 
 
 class EvalSchedule:
-    """Periodic evaluations: every ``train.eval_every`` steps, and (with a time limit) at each mark of
-    ``marks()``, shares of the planned work (``Progress.budget_fraction``: the same on every process)."""
+    """Periodic evaluations: every ``train.eval_every`` steps and, with a time limit and
+    ``train.evals_per_budget`` = K, at K evenly spaced marks of the budget and at steps 25, 50, 100, 200, ...
+    before the first of them (a small table overfits within a few hundred steps, before the first 1/K).
+
+    The early steps are fixed numbers, and a mark is a share of the larger of ``step / train.steps`` and
+    the planned work done (``Progress.budget_fraction``): no clock, and the same on every process."""
+
+    EARLY = 25
 
     def __init__(self, tc: TrainConfig, progress: Progress):
         self.tc, self.progress = tc, progress
@@ -128,19 +134,29 @@ class EvalSchedule:
         self.evals_by_mark = 0  # marks already evaluated at
 
     def marks(self) -> list[float]:
-        """Shares of the budget at which to evaluate: K evenly spaced, and doubling ones before the first of
-        them (1/2K, 1/4K, ...: a small table can overfit within the first 1/K of the budget)."""
+        """Shares of the budget at which to evaluate: K evenly spaced."""
         k = self.tc.evals_per_budget
         if not k or self.tc.time_limit is None:
             return []
-        return sorted({*(i / k for i in range(1, k + 1)), *(2.0**-j / k for j in range(1, 9))})
+        return [i / k for i in range(1, k + 1)]
+
+    def fraction(self) -> float:
+        return max(self.progress.step / self.tc.steps if self.tc.steps else 0.0, self.progress.budget_fraction())
 
     def marks_passed(self) -> int:
-        fraction = self.progress.budget_fraction()
-        return sum(m <= fraction for m in self.marks()) if self.progress.horizon else 0
+        fraction = self.fraction()
+        return sum(m <= fraction for m in self.marks())
+
+    def early(self, step: int) -> bool:
+        """Step 25 · 2^j, before the first mark."""
+        if not self.marks() or step % self.EARLY or self.marks_passed():
+            return False
+        multiple = step // self.EARLY
+        return multiple & (multiple - 1) == 0
 
     def evals_left(self) -> int:
-        return len(self.marks()) - self.marks_passed()
+        """The evaluations still due by marks (and a few early ones)."""
+        return len(self.marks()) - self.marks_passed() + (4 if self.marks() and not self.marks_passed() else 0)
 
     def resume(self) -> None:
         """Continue the marks where a checkpoint stopped."""
@@ -149,7 +165,7 @@ class EvalSchedule:
     def due(self, step: int) -> bool:
         if self.tc.eval_every and step % self.tc.eval_every == 0:
             return True
-        return self.marks_passed() > self.evals_by_mark
+        return self.early(step) or self.marks_passed() > self.evals_by_mark
 
     def done(self, step: int) -> None:
         """A periodic evaluation ran at ``step``."""
