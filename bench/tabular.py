@@ -5,9 +5,10 @@
     python bench/tabular.py --only flows,zuko --jobs 2
 
 Tables (all offline): scikit-learn's bundled iris (150x4), wine (178x13), diabetes (442x10),
-breast_cancer (569x30) and digits as a 64-column table (1797x64, the columns constant in every row
-dropped); synthetic tables with a known density: an 8-D Gaussian mixture (2,000 rows), a 5-D
-"banana" (1,000 rows) and a 16-D Gaussian mixture with 10,000 rows (the size target). Each is split
+breast_cancer (569x30), digits as a 64-column table (1797x64, the columns constant in every row
+dropped) and iris's two petal columns (150x2); synthetic tables with a known density: an 8-D Gaussian
+mixture (2,000 rows), a 5-D "banana" (1,000 rows) and a 16-D Gaussian mixture with 10,000 rows (the size
+target); and "counts22", 303 rows of 10 overdispersed counts and 12 rounded shares (no known density). Each is split
 80/20 with seed 0 and written as train.npy / test.npy: every contestant sees the same rows.
 
 Contestants, each in its own process with one thread, for the same wall time:
@@ -39,7 +40,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("iris", "wine", "diabetes", "breast_cancer", "digits", "gmm8", "banana5", "gmm16_10k")
+TABLES = (
+    "iris",
+    "wine",
+    "diabetes",
+    "breast_cancer",
+    "digits",
+    "gmm8",
+    "banana5",
+    "gmm16_10k",
+    "iris_petals",
+    "counts22",
+)
 
 
 # ------------------------------------------------------------------ tables
@@ -76,6 +88,17 @@ def _banana(rng: np.random.Generator, n: int, d: int = 5):
     return x, logpdf
 
 
+def _counts_and_shares(rng: np.random.Generator, n: int = 303) -> np.ndarray:
+    """303 rows x 22 columns like a survey table: 10 overdispersed counts driven by two latent factors, and 12
+    shares (of a 13-part composition, the last part dropped) rounded to 3 decimals."""
+    factors = rng.normal(size=(n, 2))
+    rates = np.exp(1.5 + factors @ rng.normal(0, 0.6, size=(2, 10)))
+    counts = rng.negative_binomial(5, 5 / (5 + rates))
+    alpha = np.exp(0.5 + factors @ rng.normal(0, 0.4, size=(2, 13)))
+    shares = np.stack([rng.dirichlet(a) for a in alpha])[:, :12].round(3)
+    return np.hstack([counts, shares]).astype(np.float64)
+
+
 def make_table(name: str):
     """(values (N, D) float64, true log-density or None)."""
     from sklearn import datasets
@@ -96,6 +119,10 @@ def make_table(name: str):
         return _gmm(rng, 2000, 8, 5)
     if name == "gmm16_10k":
         return _gmm(rng, 10_000, 16, 8)
+    if name == "iris_petals":  # two columns: petal length and width (bimodal, ties from 0.1 cm rounding)
+        return datasets.load_iris().data[:, 2:].astype(np.float64), None
+    if name == "counts22":
+        return _counts_and_shares(rng), None
     if name == "banana5":
         return _banana(rng, 1000, 5)
     raise SystemExit(f"unknown table {name}")

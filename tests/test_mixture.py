@@ -111,7 +111,7 @@ def test_a_mixture_is_one_inference_file_and_its_first_member_starts_init_from(t
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
 
 
-def test_choose_keeps_members_that_help_the_mixture_on_validation():
+def test_the_mixture_keeps_every_member_but_those_clearly_worse_on_validation():
     rng = torch.Generator().manual_seed(0)
     good = torch.randn(2, 200, generator=rng, dtype=torch.float64) - 1.0  # two comparable members
     bad = torch.full((1, 200), -30.0, dtype=torch.float64)  # far worse everywhere
@@ -144,8 +144,9 @@ def test_a_members_run_is_one_model_to_load_evaluate_and_sample_and_resumes_exac
     model = flows.load(run)
     chosen = result["chosen"]
     assert (len(model.members) if isinstance(model, Mixture) else 1) == len(chosen)
-    # the mixture's validation NLL is no worse than its best member's (the selection's promise)
-    assert result["val_nll"] <= min(result["member_val_nll"]) + 1e-9
+    # the equal-weight mixture's validation NLL is no worse than its members' average (Jensen)
+    chosen_nll = [result["member_val_nll"][i] for i in chosen]
+    assert result["val_nll"] <= sum(chosen_nll) / len(chosen_nll) + 1e-9
     # evaluate.py and sample.py take it as one model
     evaluate_main([str(tmp_path / "r"), "--per-point", "--check", "0"])
     report = json.loads((tmp_path / "r" / "eval_test.json").read_text())

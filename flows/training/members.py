@@ -4,8 +4,7 @@ Member k is an ordinary run in ``run_dir/members/k`` (seed ``train.seed + k``), 
 time budget as its own: validation stops a member early on a small table, and the rest of the budget
 goes to the next one. A member starts only while a fifth of the budget is left (``MIN_SHARE``), so on a
 large table, where the first member uses the whole budget, the model stays a single flow. The mixture is
-chosen on the validation rows: members in order of their validation NLL, each kept if the equal-weight
-mixture's validation NLL does not get worse (greedy ensemble selection). Its inference file is
+every member except those clearly worse on the validation rows (``choose``), with equal weights. Its inference file is
 ``run_dir/model.safetensors``, a :class:`flows.mixture.Mixture` to ``flows.load``; ``eval.json`` holds the
 held-out NLL of the mixture and what each member scored.
 
@@ -63,19 +62,18 @@ def _train_one(cfg: Config, resume: bool) -> dict[str, Any]:
         trainer.accelerator.end_training()
 
 
-def choose(val_lp: torch.Tensor) -> list[int]:
-    """Greedy ensemble selection on validation log-densities ``(M, N)``: the best member first, then each
-    next-best one if the equal-weight mixture's mean log-density does not decrease."""
-    order = torch.argsort(-val_lp.mean(1)).tolist()
-    chosen = [order[0]]
-
-    def score(members: list[int]) -> float:
-        return float((torch.logsumexp(val_lp[members], 0) - math.log(len(members))).mean())
-
-    for m in order[1:]:
-        if score([*chosen, m]) >= score(chosen):
-            chosen.append(m)
-    return chosen
+def choose(val_lp: torch.Tensor, tolerance: float = 3.0) -> list[int]:
+    """The members of the mixture, from their validation log-densities ``(M, N)``: every member except those
+    clearly worse than the best one (mean log-density lower by more than ``tolerance`` standard errors of
+    the paired difference), best first. An equal-weight mixture is never worse than its average member
+    (Jensen), while choosing among members on a few dozen validation rows mostly fits their noise."""
+    means = val_lp.mean(1)
+    best = int(torch.argmax(means))
+    diff = val_lp[best] - val_lp  # (M, N): how much better the best member is, row by row
+    n = val_lp.shape[1]
+    se = diff.std(1) / math.sqrt(n) if n > 1 else torch.zeros(len(val_lp), dtype=val_lp.dtype, device=val_lp.device)
+    keep = [m for m in range(len(val_lp)) if m == best or float(diff[m].mean()) <= tolerance * float(se[m])]
+    return sorted(keep, key=lambda m: -float(means[m]))
 
 
 def _share(left: float | None, first: float | None, slots: int) -> float | None:
