@@ -22,6 +22,7 @@ from flows.config import Config, load_config
 from flows.errors import CheckpointError, ConfigError
 from flows.flow import Flow
 from flows.flowfile import read
+from flows.mixture import Mixture
 
 __all__ = ["load", "train", "Run"]
 
@@ -42,8 +43,9 @@ def load(run: str | os.PathLike, weights: str = "ema", device: torch.device | st
     flow = read(os.fspath(run), weights)
     try:  # a file written without a run config (flows.flowfile.write(config=None)) keeps None
         flow.config = load_config(flow.config, lenient=True) if flow.config else None
-        for member in getattr(flow, "members", []):  # a mixture's members share the run's config
-            member.config = flow.config
+        if isinstance(flow, Mixture):  # its members share the run's config
+            for member in flow.members:
+                member.config = flow.config
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{flow.path}' has unreadable metadata: {e}") from None
     return flow.to(device) if device is not None else flow

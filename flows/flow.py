@@ -167,16 +167,14 @@ class Flow:
         solver = self.solve_options(**solve)
         start = time.perf_counter()
         x, info = self._draw(n, generator, chunk, progress, solver)
-        if not return_info:
-            return x
-        return x, {"seconds": time.perf_counter() - start, **info, "solver": dict(solver)}
+        return self._result(x, info, solver, start, return_info)
 
     def _draw(
         self, n: int, generator: torch.Generator | None, chunk: int, progress: bool, solver: SolverOptions
     ) -> tuple[Tensor, dict[str, Any]]:
         """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``)."""
         res = sample(self.field, n, self.shape, chunk=chunk, generator=generator, progress=progress, **solver)
-        return self._to_data(res.x), {"nfe": res.nfe, **transport_summary(res), "kinetic": res.kinetic, "noise": res.z}
+        return self._to_data(res.x), {**self._info(res), "noise": res.z}
 
     @torch.no_grad()
     def decode(
@@ -191,7 +189,7 @@ class Flow:
         solver = self.solve_options(**solve)
         start = time.perf_counter()
         res = decode(self.field, self._as_data(z, "decode"), chunk=chunk, **solver)
-        return self._result(self._to_data(res.x), res, solver, start, return_info)
+        return self._result(self._to_data(res.x), self._info(res), solver, start, return_info)
 
     @torch.no_grad()
     def encode(
@@ -212,7 +210,7 @@ class Flow:
         start = time.perf_counter()
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
         res = encode(self.field, model_x, chunk=chunk, progress=progress, **solver)
-        return self._result(res.x, res, solver, start, return_info)
+        return self._result(res.x, self._info(res), solver, start, return_info)
 
     @torch.no_grad()
     def log_prob(
@@ -291,17 +289,14 @@ class Flow:
         lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
         return lp, var, res.nfe.forward
 
+    @staticmethod
+    def _info(res: SampleResult) -> dict[str, Any]:
+        """What a solve reports: ``nfe``, transport (kinetic energy, straightness) and per-point ``kinetic``."""
+        return {"nfe": res.nfe, **transport_summary(res), "kinetic": res.kinetic}
+
     def _result(
-        self, out: Tensor, res: SampleResult, solver: SolverOptions, start: float, return_info: bool, **extra: Tensor
+        self, out: Tensor, info: dict[str, Any], solver: SolverOptions, start: float, return_info: bool
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         if not return_info:
             return out
-        info = {
-            "nfe": res.nfe,
-            "seconds": time.perf_counter() - start,
-            **transport_summary(res),
-            "kinetic": res.kinetic,
-            **extra,
-            "solver": dict(solver),
-        }
-        return out, info
+        return out, {**info, "seconds": time.perf_counter() - start, "solver": dict(solver)}

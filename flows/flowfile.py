@@ -60,12 +60,14 @@ def write(
     other members, and ``weights``: the mixture's weights (the first member's first).
     """
     path = Path(path)
-    # copies: the two states may share tensors (safetensors refuses shared memory)
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
-    tensors |= {f"ema.{k}": v.detach().cpu().clone().contiguous() for k, v in ema_state.items()}
+
+    def copies(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        # copies: the two states may share tensors (safetensors refuses shared memory)
+        return {f"{prefix}{k}": v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+    tensors = copies(model_state, "model.") | copies(ema_state, "ema.")
     for i, (model_k, ema_k) in enumerate(members, start=1):
-        tensors |= {f"members.{i}.model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_k.items()}
-        tensors |= {f"members.{i}.ema.{k}": v.detach().cpu().clone().contiguous() for k, v in ema_k.items()}
+        tensors |= copies(model_k, f"members.{i}.model.") | copies(ema_k, f"members.{i}.ema.")
     tensors |= {k: v.detach().cpu().float() for k, v in preprocess.tensors().items()}
     metadata = {
         "format": FORMAT,

@@ -63,10 +63,6 @@ class Mixture(Flow):
         var = (resp**2 * torch.stack([p[1] for p in parts])).sum(0)
         return lp, var, sum(p[2] for p in parts)
 
-    def member_log_probs(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """Each member's ``log_prob(x)``, ``(M, N)``."""
-        return torch.stack([m.log_prob(x, **kwargs) for m in self.members])
-
     # ------------------------------------------------------------------ sampling
     def _draw(
         self, n: int, generator: torch.Generator | None, chunk: int, progress: bool, solver: SolverOptions

@@ -32,6 +32,7 @@ from flows.config import Config, load_config, to_dict
 from flows.errors import TrainingAborted
 from flows.evaluation import describe, gathered_log_prob, summarize
 from flows.flowfile import MODEL_FILE, read, write
+from flows.mixture import Mixture
 from flows.report import final_pictures
 from flows.training.accelerator import new_accelerator
 from flows.training.trainer import Trainer
@@ -165,7 +166,7 @@ def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
             weights=[1 / len(chosen)] * len(chosen) if len(chosen) > 1 else None,
         )
     acc.wait_for_everyone()
-    model = read(root).to(acc.device)
+    model = Mixture([members[i] for i in chosen], path=root / MODEL_FILE) if len(chosen) > 1 else members[chosen[0]]
     lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, **opts)
     result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}

@@ -132,13 +132,12 @@ class EvalSchedule:
         self.tc, self.progress = tc, progress
         self.last_eval_step = -1
         self.evals_by_mark = 0  # marks already evaluated at
+        k = tc.evals_per_budget if tc.time_limit is not None else 0
+        self._marks = [i / k for i in range(1, k + 1)]  # asked every step: made once
 
     def marks(self) -> list[float]:
         """Shares of the budget at which to evaluate: K evenly spaced."""
-        k = self.tc.evals_per_budget
-        if not k or self.tc.time_limit is None:
-            return []
-        return [i / k for i in range(1, k + 1)]
+        return self._marks
 
     def fraction(self) -> float:
         return max(self.progress.step / self.tc.steps if self.tc.steps else 0.0, self.progress.budget_fraction())
