@@ -35,12 +35,14 @@ class StepGuard:
         self.log, self.save, self.zero_grad = log, save, zero_grad
         self.skipped = torch.zeros((), dtype=torch.int32, device=acc.device)  # skips since the last check
 
-    def any(self, flag: bool) -> bool:
-        """True when ``flag`` holds on any process (the same decision everywhere)."""
+    def any(self, flag: bool, value: float = 0.0) -> tuple[bool, float]:
+        """(True when ``flag`` holds on any process, the mean of ``value`` over processes): the same on every
+        process, from one collective (``value`` rides along: the step's function evaluations)."""
         if self.acc.num_processes == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.acc.device)
-        return bool(self.acc.reduce(t, "sum").item() > 0)
+            return flag, value
+        t = torch.tensor([float(flag), value], device=self.acc.device, dtype=torch.float64)
+        flags, total = self.acc.reduce(t, "sum").tolist()
+        return flags > 0, total / self.acc.num_processes
 
     def check_skipped(self) -> None:
         """Count the steps skipped on the device since the last check (one host synchronization)."""

@@ -32,7 +32,7 @@ class Progress:
     best_step: int = 0
     stale_evals: int = 0  # validation evaluations since the best one
     pending_skips: int = 0  # steps skipped on the device and not yet counted when the checkpoint was written
-    work: float = 0.0  # work done: steps, or function evaluations (forward + backward) when the loss solves an ODE
+    work: float = 0.0  # work done: steps, or forward function evaluations when the loss solves an ODE
     horizon: float | None = None  # with a time limit: the work at which the budget ends, fixed once by ``Plan``
 
     def budget_fraction(self) -> float:

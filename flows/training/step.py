@@ -48,7 +48,7 @@ class OptimizerStep:
         self.plain = opt.scaler is None
         self.optimizer_step = opt.optimizer.step if self.plain else opt.step
         self.zero_grad = opt.optimizer.zero_grad if self.plain else opt.zero_grad
-        self.work = 1.0  # the work of the last step: 1, or its function evaluations when the loss solves an ODE
+        self.work = 1.0  # the work of the last step: 1, or its forward function evaluations (an ODE in the loss)
 
     def __call__(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
         """One step on the raw batch ``raw``; None if skipped, the metrics record if ``full_record``."""
@@ -60,7 +60,6 @@ class OptimizerStep:
         if isinstance(result, str):
             return self.guard.bad(result)
         loss, stats = result
-        self.work = self._work(stats)
         if self.plain:  # no scaler to unscale with: torch's (foreach) clipping, without Accelerate's checks
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         else:
@@ -90,7 +89,7 @@ class OptimizerStep:
         acc.step = 0  # Accelerate's micro-batch counter: a step always starts a cycle (after a skip, a resume)
         draws = self.draw(x)
         micro = zip(x.chunk(k), *(d.chunk(k) for d in draws.values()), strict=True) if k > 1 else [(x, *draws.values())]
-        losses, first = [], {}
+        losses, first, nfe = [], {}, 0.0
         for xm, *dm in micro:
             with acc.accumulate(self.objective) if k > 1 else nullcontext():
                 try:
@@ -98,25 +97,21 @@ class OptimizerStep:
                     failure = None if not check or torch.isfinite(loss) else "non-finite loss"
                 except SolverError as e:
                     loss, stats, failure = None, {}, str(e)
-                if (check or self.agree_every_step) and self.guard.any(failure is not None):
-                    return failure or "non-finite loss on another process"
+                forward = float(stats["nfe"].forward) if "nfe" in stats else 0.0
+                if check or self.agree_every_step:  # one collective: the failure and the work, agreed
+                    failed, forward = self.guard.any(failure is not None, forward)
+                    if failed:
+                        return failure or "non-finite loss on another process"
+                nfe += forward
                 if failure is not None:  # one process, between checks: nothing to agree on
                     return failure
                 acc.backward(loss)  # divided by k when accumulating
             losses.append(loss.detach())
             first = first or stats
+        # the step's work: its forward function evaluations when the loss solves an ODE (the same on every
+        # process: agreed above, where several processes solve), else 1
+        self.work = nfe or 1.0
         return (losses[0] if k == 1 else torch.stack(losses).mean()), first
-
-    def _work(self, stats: dict[str, Any]) -> float:
-        """1 per step, or the step's function evaluations (forward + backward, all micro-batches; the mean over
-        processes, so every process plans the time budget alike)."""
-        nfe = stats.get("nfe")
-        if nfe is None:
-            return 1.0
-        work = float(nfe.total * self.grad_accum)
-        if self.acc.num_processes > 1:
-            work = float(self.acc.reduce(torch.tensor([work], device=self.acc.device), "mean").item())
-        return work
 
     def _record(self, x: Tensor, loss: Tensor, stats: dict[str, Any], grad_norm: Tensor) -> dict[str, Any]:
         """The metrics of a logging step, averaged over processes (one collective)."""
