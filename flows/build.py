@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from flows.config import Config, to_dict
+from flows.context import Context
 from flows.data import Data, build_data
 from flows.errors import CheckpointError, ConfigError
 from flows.flow import Flow
@@ -20,25 +21,37 @@ from flows.nn import build_field, settings_from
 from flows.objectives import build_objective
 from flows.preprocess import Preprocess
 
-__all__ = ["make_data", "make_field", "make_objective", "make_flow", "export", "init_from"]
+__all__ = ["make_data", "make_context", "make_field", "make_objective", "make_flow", "export", "init_from"]
 
 
 def make_data(cfg: Config) -> Data:
     return build_data(cfg.data)
 
 
-def make_field(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
-    return build_field(cfg.model, shape)
+def make_context(cfg: Config, data: Data) -> Context | None:
+    """What the run's flow is conditioned on (None: unconditional), from the training rows."""
+    return data.conditioning(cfg.objective.label_dropout)
 
 
-def make_objective(cfg: Config, field: nn.Module) -> nn.Module:
+def make_field(cfg: Config, shape: tuple[int, ...], context: Context | None = None) -> nn.Module:
+    return build_field(cfg.model, shape, context)
+
+
+def make_objective(cfg: Config, field: nn.Module, context: Context | None = None) -> nn.Module:
     """The training objective around ``field``, solving (maximum likelihood) with ``cfg.solver``."""
-    return build_objective(field, cfg.objective, cfg.solver.options(), cfg.train.compile)
+    return build_objective(field, cfg.objective, cfg.solver.options(), cfg.train.compile, context)
 
 
-def make_flow(cfg: Config, field: nn.Module, preprocess: Preprocess, shape: tuple[int, ...], step: int = 0) -> Flow:
+def make_flow(
+    cfg: Config,
+    field: nn.Module,
+    preprocess: Preprocess,
+    shape: tuple[int, ...],
+    step: int = 0,
+    context: Context | None = None,
+) -> Flow:
     """A :class:`Flow` of ``field`` whose operations solve with ``cfg.eval.solver`` by default."""
-    return Flow(field, preprocess, shape, dict(cfg.eval.solver.options()), cfg, step)
+    return Flow(field, preprocess, shape, dict(cfg.eval.solver.options()), cfg, step, context=context)
 
 
 def export(
@@ -49,8 +62,10 @@ def export(
     preprocess: Preprocess,
     shape: tuple[int, ...],
     step: int,
+    context: Context | None = None,
 ) -> Path:
-    """Write the inference file of a run: raw and EMA weights, preprocessing, field settings, eval solver, config."""
+    """Write the inference file of a run: raw and EMA weights, preprocessing, field settings, eval solver, config,
+    and a conditional run's context."""
     return write(
         path,
         model_state=field.state_dict(),
@@ -61,6 +76,7 @@ def export(
         shape=shape,
         step=step,
         config=to_dict(cfg),
+        context=context,
     )
 
 

@@ -157,6 +157,7 @@ class Config:
         self.eval.check()
         self.objective.check(field_kind(self.model.name))
         objective = objective_kind(self.objective.name)
+        self._check_context()
         if objective.solves_ode and self.train.mixed_precision != "no":
             raise ConfigError(
                 f"invalid config value: train.mixed_precision is for flow matching (objective.name=fm): "
@@ -168,6 +169,29 @@ class Config:
                 "differentiates the divergence (a double backward), which torch.compile's autograd does not support."
             )
         return self
+
+    def _check_context(self) -> None:
+        """What spans data, model and objective for a conditional run."""
+        d, o = self.data, self.objective
+        vector_context = bool(d.context_key or d.context_columns)
+        if o.label_dropout and not d.labels:
+            raise ConfigError(
+                "invalid config value: objective.label_dropout drops class labels: it needs data.labels=true "
+                "(classifier-free guidance is for label-conditional image runs)."
+            )
+        if vector_context and getattr(o, "coupling", "independent") == "ot":
+            raise ConfigError(
+                "invalid config value: objective.coupling=ot with a context vector: minibatch OT pairs noise with "
+                "data across the batch, so the noise paired with a row would depend on the other rows' contexts and "
+                "the flow given c would no longer start from N(0, I). No pairing within equal contexts exists for "
+                "continuous contexts: use objective.coupling=independent (with labels, ot pairs within each class)."
+            )
+        wanted = "vector" if vector_context else "labels" if d.labels else ""
+        field = field_kind(self.model.name)
+        if wanted and field.context != wanted:
+            what = "context vector" if wanted == "vector" else "class labels"
+            use = "model.name=mlp" if wanted == "vector" else "model.name=unet (data.image=true for digits)"
+            raise ConfigError(f"invalid config value: model.name={self.model.name} takes no {what}: use {use}.")
 
 
 def _raise_first(checks: list[tuple[bool, str]]) -> None:

@@ -32,9 +32,11 @@ def gathered_log_prob(
     batch_size: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    context: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``flow.log_prob`` of every row of ``raw``, split over the processes and gathered in input order.
+    """``flow.log_prob`` of every row of ``raw``, split over the processes and gathered in input order; a
+    conditional flow's ``context``: one row per point (raw units), or None (a label-conditional flow's marginal).
 
     Every process calls it with the same ``raw``; ``options`` go to ``Flow.log_prob`` (trace, probes,
     method, ...), ``generator`` lives on ``acc.device`` (one per process). Returns (log p (N,),
@@ -49,7 +51,8 @@ def gathered_log_prob(
     start = time.perf_counter()
     for ib in tqdm(mine.split(batch_size), desc="evaluate", disable=not (progress and acc.is_local_main_process)):
         xb = raw[ib].to(acc.device)
-        lp, part = flow.log_prob(xb, generator=generator, batch_size=len(xb), return_info=True, **options)
+        cb = context[ib].to(acc.device) if context is not None else None
+        lp, part = flow.log_prob(xb, context=cb, generator=generator, batch_size=len(xb), return_info=True, **options)
         lps.append(lp)
         variances.append(part["variance"])
         nfe.append(part["nfe"])
@@ -94,7 +97,9 @@ def describe(result: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def tolerance_check(flow: Flow, raw: Tensor, factor: float = 100.0, seed: int = 0, **options: Any) -> dict[str, Any]:
+def tolerance_check(
+    flow: Flow, raw: Tensor, factor: float = 100.0, seed: int = 0, context: Tensor | None = None, **options: Any
+) -> dict[str, Any]:
     """Re-solve ``raw`` with tolerances ``factor`` times tighter (same probes and dequantization noise);
     a fixed-step solve is compared with dopri5 at atol = rtol = 1e-7. ``options``: as ``Flow.log_prob``'s.
 
@@ -106,9 +111,14 @@ def tolerance_check(flow: Flow, raw: Tensor, factor: float = 100.0, seed: int = 
     else:
         tight = {"method": solver["method"], "atol": solver["atol"] / factor, "rtol": solver["rtol"] / factor}
     generator = torch.Generator(flow.device)
-    base = flow.log_prob(raw, generator=generator.manual_seed(seed), batch_size=len(raw), **options)
+    base = flow.log_prob(raw, context=context, generator=generator.manual_seed(seed), batch_size=len(raw), **options)
     ref, info = flow.log_prob(
-        raw, generator=generator.manual_seed(seed), batch_size=len(raw), return_info=True, **{**options, **tight}
+        raw,
+        context=context,
+        generator=generator.manual_seed(seed),
+        batch_size=len(raw),
+        return_info=True,
+        **{**options, **tight},
     )
     delta = (base - ref).abs()
     return {

@@ -14,6 +14,12 @@ Per data point, ``log_prob`` averages the log-density over ``probes`` Hutchinson
 estimate of log p, since the trajectory does not depend on the probe) and importance-weights it over
 ``deq_samples`` uniform dequantizations, log P(v) ≥ log (1/K Σ_k p(y_k)) (the K-sample bound used by
 flow matching and Flow++).
+
+Conditional flows (``flow.context`` is a :class:`flows.context.Context`) take ``context=`` in every
+operation, in the data's units: a context vector (C,) or one per point (N, C), or class labels (an int, or
+one per point). ``sample(n, context=c)`` gives (n, *shape) for one context and (K, n, *shape) for K
+contexts; ``guidance=w`` samples a label-conditional model with classifier-free guidance. A
+label-conditional ``log_prob(x)`` without labels is the exact marginal log Σ_y p(y) p(x | y).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, TypedDict, Unpack
 import torch
 from torch import Tensor, nn
 
+from flows.context import Context, guided
 from flows.errors import FlowsError
 from flows.likelihood import auto_trace, log_prob
 from flows.ode import DEFAULTS, FIXED_STEP_METHODS, SolverOptions, solver_options
@@ -58,6 +65,7 @@ class Flow:
         config: the run's configuration (``flows.load`` gives a :class:`flows.Config`), else None.
         step: the training step the weights come from.
         path: the ``model.safetensors`` file, if loaded from one.
+        context: what a conditional flow is conditioned on (None: an unconditional flow).
     """
 
     field: nn.Module
@@ -67,6 +75,7 @@ class Flow:
     config: Any = None
     step: int = 0
     path: Path | None = None
+    context: Context | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -89,11 +98,13 @@ class Flow:
         """Move the field and the preprocessing constants to ``device`` (in place); returns self."""
         self.field.to(device)
         self.preprocess = self.preprocess.to(device)
+        self.context = self.context.to(device) if self.context is not None else None
         return self
 
     def __repr__(self) -> str:
+        given = f", context={self.context.describe()!r}" if self.context is not None else ""
         return (
-            f"Flow({type(self.field).__name__}, shape={self.shape}, step={self.step}, "
+            f"Flow({type(self.field).__name__}, shape={self.shape}{given}, step={self.step}, "
             f"device={self.device}, path={str(self.path) if self.path else None!r})"
         )
 
@@ -135,12 +146,43 @@ class Flow:
             return y
         return torch.floor(y * self.levels).clamp_(0, self.levels - 1)
 
+    # ------------------------------------------------------------------ contexts
+    def _rows(self, context: Any, n: int, what: str) -> Tensor | None:
+        """The context of each of ``n`` points in data units (one for all, or one each), checked; None for an
+        unconditional flow (which refuses a context)."""
+        if self.context is None:
+            if context is not None:
+                raise FlowsError(f"{what}: this flow is unconditional: it takes no context")
+            return None
+        if context is None:
+            raise FlowsError(f"{what}: this flow is conditional on {self.context.describe()}: pass context=")
+        return self.context.broadcast(context, n, self.device, what)
+
+    def _guided_field(self, guidance: float) -> nn.Module:
+        if guidance == 0:
+            return self.field
+        ctx = self.context
+        if ctx is None or ctx.kind != "labels" or ctx.dropout <= 0:
+            why = (
+                "it was trained without objective.label_dropout (the null label is untrained)"
+                if ctx is not None and ctx.kind == "labels"
+                else "guidance needs a label-conditional model trained with objective.label_dropout > 0"
+            )
+            raise FlowsError(f"guidance={guidance}: this flow cannot be guided: {why}")
+        return guided(self.field, guidance, ctx.null)
+
+    def _model_context(self, context: Any, n: int, what: str) -> Tensor | None:
+        rows = self._rows(context, n, what)
+        return self.context.model(rows) if rows is not None else None
+
     # ------------------------------------------------------------------ the four operations
     @torch.no_grad()
     def sample(
         self,
         n: int,
         *,
+        context: Any = None,
+        guidance: float = 0.0,
         generator: torch.Generator | None = None,
         chunk: int = 10_000,
         return_info: bool = False,
@@ -150,7 +192,13 @@ class Flow:
         """Draw ``n`` samples: base noise at t=0 solved to t=1.
 
         Args:
-            n: number of samples.
+            n: number of samples (per context).
+            context: a conditional flow's context in data units: one (a vector (C,) or (1, C), or a label) for
+                ``(n, *shape)`` samples, or K of them ((K, C) vectors, K labels) for ``(K, n, *shape)``. A
+                label-conditional flow without labels samples the labels from their training frequencies
+                (the info dict's ``label``).
+            guidance: classifier-free guidance weight w (label-conditional flows trained with
+                ``objective.label_dropout``): the field (1 + w) v(x, t, y) − w v(x, t, ∅); 0 is none.
             generator: for the noise; must live on ``self.device``.
             **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
                 solver, adaptive).
@@ -160,20 +208,47 @@ class Flow:
                 and ``solver``.
 
         Returns:
-            Samples ``(n, *shape)`` in data units on ``self.device`` (and the info dict).
+            Samples ``(n, *shape)`` (or ``(K, n, *shape)``) in data units on ``self.device`` (and the info dict).
         """
         if n <= 0 or chunk <= 0:
             raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
         solver = self.solve_options(**solve)
+        self._guided_field(guidance)  # a flow that cannot be guided: the error before any work
         start = time.perf_counter()
-        x, info = self._draw(n, generator, chunk, progress, solver)
+        ctx, k, rows = self.context, 1, None
+        if ctx is None:
+            self._rows(context, n, "sample")  # an unconditional flow refuses a context
+        elif context is None:
+            if ctx.kind != "labels":
+                raise FlowsError(f"sample: this flow is conditional on {ctx.describe()}: pass context=")
+            prior = ctx.prior.to(self.device).float()  # labels drawn from p(y)
+            rows = torch.multinomial(prior, n, replacement=True, generator=generator)
+        else:
+            given = ctx.check(context, self.device, "sample")
+            k, rows = len(given), given.repeat_interleave(n, 0)
+        x, info = self._draw(k * n, generator, chunk, progress, solver, rows, guidance)
+        if rows is not None and ctx is not None and ctx.kind == "labels":
+            info["label"] = rows
+        if k > 1:
+            x = x.reshape(k, n, *self.shape)
+            info["noise"] = info["noise"].reshape(k, n, *self.shape)
         return self._result(x, info, solver, start, return_info)
 
     def _draw(
-        self, n: int, generator: torch.Generator | None, chunk: int, progress: bool, solver: SolverOptions
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        chunk: int,
+        progress: bool,
+        solver: SolverOptions,
+        context: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> tuple[Tensor, dict[str, Any]]:
-        """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``)."""
-        res = sample(self.field, n, self.shape, chunk=chunk, generator=generator, progress=progress, **solver)
+        """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``); ``context``: one
+        row per sample in data units; ``guidance``: the classifier-free guidance weight."""
+        c = self.context.model(context) if context is not None else None
+        field = self._guided_field(guidance)
+        res = sample(field, n, self.shape, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
         return self._to_data(res.x), {**self._info(res), "noise": res.z}
 
     @torch.no_grad()
@@ -181,14 +256,18 @@ class Flow:
         self,
         z: Tensor,
         *,
+        context: Any = None,
         chunk: int = 10_000,
         return_info: bool = False,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`)."""
+        """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`); a conditional
+        flow's ``context``: one for all points or one per point."""
         solver = self.solve_options(**solve)
         start = time.perf_counter()
-        res = decode(self.field, self._as_data(z, "decode"), chunk=chunk, **solver)
+        z = self._as_data(z, "decode")
+        c = self._model_context(context, len(z), "decode")
+        res = decode(self.field, z, chunk=chunk, context=c, **solver)
         return self._result(self._to_data(res.x), self._info(res), solver, start, return_info)
 
     @torch.no_grad()
@@ -196,6 +275,7 @@ class Flow:
         self,
         x: Tensor,
         *,
+        context: Any = None,
         chunk: int = 10_000,
         return_info: bool = False,
         progress: bool = False,
@@ -204,12 +284,13 @@ class Flow:
         """Data ``x`` (N, *shape), data units → base points at t=0, ``(N, *shape)`` on ``self.device``.
 
         Discrete data is placed at the centre of its dequantization cell, so ``decode(encode(x))``
-        returns the same levels.
+        returns the same levels. A conditional flow's ``context``: one for all points or one per point.
         """
         solver = self.solve_options(**solve)
         start = time.perf_counter()
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
-        res = encode(self.field, model_x, chunk=chunk, progress=progress, **solver)
+        c = self._model_context(context, len(model_x), "encode")
+        res = encode(self.field, model_x, chunk=chunk, progress=progress, context=c, **solver)
         return self._result(res.x, self._info(res), solver, start, return_info)
 
     @torch.no_grad()
@@ -217,6 +298,7 @@ class Flow:
         self,
         x: Tensor,
         *,
+        context: Any = None,
         trace: str = "auto",
         probes: int = 1,
         deq_samples: int = 1,
@@ -229,6 +311,9 @@ class Flow:
 
         Args:
             x: ``(N, *shape)`` in data units (discrete data: the integer levels).
+            context: a conditional flow's context, one for all points or one per point: log p(x | c). A
+                label-conditional flow without labels gives the exact marginal log Σ_y p(y) p(x | y), with p(y)
+                the training labels' frequencies (one solve per class).
             trace: ``"exact"`` (D vector-Jacobian products per evaluation), ``"hutchinson"`` (unbiased,
                 ``probes`` probes per point, averaged) or ``"auto"`` (exact for a vector field of
                 dimension ≤ 64, and always for a field with an analytic divergence).
@@ -247,9 +332,13 @@ class Flow:
         if batch_size <= 0:
             raise FlowsError("batch_size must be positive")
         start = time.perf_counter()
+        x = self._as_data(x, "log_prob")
+        marginal = context is None and self.context is not None and self.context.kind == "labels"
+        rows = None if marginal else self._rows(context, len(x), "log_prob")
         lps, variances, nfe = [], [], []
-        for part in self._as_data(x, "log_prob").split(batch_size):
-            lp, var, n = self._log_prob_batch(part, opts, generator)
+        parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
+        for part, c in zip(x.split(batch_size), parts, strict=True):
+            lp, var, n = self._log_prob_batch(part, opts, generator, c)
             lps.append(lp)
             variances.append(var)
             nfe.append(n)
@@ -275,19 +364,45 @@ class Flow:
         }
 
     def _log_prob_batch(
-        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None
+        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor, int]:
-        """(log p (B,), variance over probes of the per-probe estimates (B,), NFE) of one batch of raw points."""
+        """(log p (B,), variance over probes of the per-probe estimates (B,), NFE) of one batch of raw points;
+        ``context``: one row per point in data units (None on a label-conditional flow: the marginal)."""
+        if context is None and self.context is not None:
+            return self._marginal_batch(raw, opts, generator)
         pre, probes, deq, b = self.preprocess, opts["probes"], opts["deq_samples"], raw.shape[0]
         reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
         noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
         x = pre(reps, noise=noise)
-        res = log_prob(self.field, x, trace=opts["trace"], generator=generator, **opts["solver"])
+        c = None
+        if context is not None:
+            c = self.context.model(context).repeat(deq * probes, *([1] * (context.ndim - 1)))
+        res = log_prob(self.field, x, trace=opts["trace"], generator=generator, context=c, **opts["solver"])
         lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
         var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
         lp = lp.mean(1)  # unbiased over probes
         lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
         return lp, var, res.nfe.forward
+
+    def _marginal_batch(
+        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, int]:
+        """log Σ_y p(y) p(x | y) of one batch (one solve per class); the variance by the delta method. Every class
+        sees the same dequantization noise and probes (the generator's state is replayed), so the sum is over the
+        densities of the same points."""
+        prior = self.context.prior.to(raw.device, torch.float64)
+        if generator is None:
+            seed = int(torch.randint(2**62, (1,), device="cpu"))
+            generator = torch.Generator(raw.device).manual_seed(seed)
+        state, parts = generator.get_state(), []
+        for y in range(self.context.classes):
+            generator.set_state(state)
+            parts.append(self._log_prob_batch(raw, opts, generator, torch.full((len(raw),), y, device=raw.device)))
+        weighted = torch.stack([p[0] for p in parts]) + prior.log()[:, None]  # (K, B)
+        lp = torch.logsumexp(weighted, 0)
+        resp = (weighted - lp).exp()
+        var = (resp**2 * torch.stack([p[1] for p in parts])).sum(0)
+        return lp, var, sum(p[2] for p in parts)
 
     @staticmethod
     def _info(res: SampleResult) -> dict[str, Any]:

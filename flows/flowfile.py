@@ -25,7 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flows.errors import CheckpointError, ConfigError
+from flows.context import Context
+from flows.errors import CheckpointError, ConfigError, FlowsError
 from flows.flow import Flow
 from flows.mixture import Mixture
 from flows.nn import build_field, settings_from
@@ -51,13 +52,14 @@ def write(
     config: Mapping[str, Any] | None = None,
     members: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]] = (),
     weights: Sequence[float] | None = None,
+    context: Context | None = None,
 ) -> Path:
     """Write the inference file atomically (temp + rename: a kill mid-write leaves the old file intact).
 
     ``model_state``: the raw weights; ``ema_state``: an ``AveragedModel``'s state dict (``module.*``,
     ``n_averaged``); ``field``: the field's settings with ``name``; ``solver``: the default solver options;
-    ``config``: the run's configuration as plain data. ``members``: the (model, EMA) states of a mixture's
-    other members, and ``weights``: the mixture's weights (the first member's first).
+    ``config``: the run's configuration as plain data; ``context``: a conditional flow's. ``members``: the (model,
+    EMA) states of a mixture's other members, and ``weights``: the mixture's weights (the first member's first).
     """
     path = Path(path)
 
@@ -69,6 +71,8 @@ def write(
     for i, (model_k, ema_k) in enumerate(members, start=1):
         tensors |= copies(model_k, f"members.{i}.model.") | copies(ema_k, f"members.{i}.ema.")
     tensors |= {k: v.detach().cpu().float() for k, v in preprocess.tensors().items()}
+    if context is not None:
+        tensors |= {k: v.detach().cpu().contiguous() for k, v in context.tensors().items()}
     metadata = {
         "format": FORMAT,
         "config": json.dumps(dict(config or {})),
@@ -80,6 +84,8 @@ def write(
         "logit_alpha": repr(preprocess.logit_alpha),
         "step": str(step),
     }
+    if context is not None:
+        metadata["context"] = context.metadata()
     if members or weights is not None:
         weights = list(weights) if weights is not None else [1.0 / (len(members) + 1)] * (len(members) + 1)
         if len(weights) != len(members) + 1:
@@ -149,9 +155,11 @@ def read_weights(
             "step": int(meta["step"]),
             "logit_alpha": float(meta.get("logit_alpha", 0.0)),
             "preprocess": (tensors["preprocess.shift"], tensors["preprocess.scale"]),
+            "bounds": (tensors["preprocess.low"], tensors["preprocess.high"]) if "preprocess.low" in tensors else None,
+            "context": Context.from_file(meta["context"], tensors) if "context" in meta else None,
             "mixture": json.loads(meta["mixture"]) if "mixture" in meta else None,
         }
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, FlowsError) as e:
         raise CheckpointError(f"checkpoint '{path}' has unreadable metadata: {e}") from None
     prefix = {"ema": "ema.module.", "model": "model."}[weights]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -171,17 +179,27 @@ def read(path: str | Path, weights: str = "ema", map_location: str = "cpu") -> F
     """
     state, meta, path = read_weights(path, weights, map_location)
     shift, scale = meta["preprocess"]
-    pre = Preprocess(shift, scale, meta["levels"], meta["logit_alpha"])
+    pre = Preprocess(shift, scale, meta["levels"], meta["logit_alpha"], *(meta["bounds"] or (None, None)))
+    context = meta["context"]
     flows = []
     for member in [state, *meta.get("members", [])]:
         try:
-            field = build_field(settings_from(meta["field"]), meta["shape"])
+            field = build_field(settings_from(meta["field"]), meta["shape"], context)
             field.load_state_dict(member)
         except (RuntimeError, ConfigError, TypeError) as e:
             raise CheckpointError(f"checkpoint '{path}' does not match its model config: {e}") from None
         solver = {**DEFAULTS, **meta["solver"]}
         flows.append(
-            Flow(field.eval().requires_grad_(False), pre, meta["shape"], solver, meta["config"], meta["step"], path)
+            Flow(
+                field.eval().requires_grad_(False),
+                pre,
+                meta["shape"],
+                solver,
+                meta["config"],
+                meta["step"],
+                path,
+                context,
+            )
         )
     if meta["mixture"] is None:
         return flows[0]

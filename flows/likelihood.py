@@ -58,10 +58,12 @@ def log_prob(
     jacobian: bool = False,
     hjb: bool = False,
     generator: torch.Generator | None = None,
+    context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> LogProb:
     """log p(x) (B,) of model-space points x (B, *shape) under the flow of ``field`` with a standard-normal
-    base at t=0, and the regularizers asked for. ``solver``: :class:`flows.ode.SolverOptions`."""
+    base at t=0, and the regularizers asked for; log p(x | c) with a conditional field's ``context`` (B, ...).
+    ``solver``: :class:`flows.ode.SolverOptions`."""
     sol = solve(
         field,
         x,
@@ -73,6 +75,7 @@ def log_prob(
         jacobian=jacobian,
         hjb=hjb,
         generator=generator,
+        context=context,
         **solver,
     )
     # integrating backwards in time flips the sign of every integral: ∫₁⁰ f = −∫₀¹ f

@@ -37,13 +37,16 @@ class Mixture(Flow):
             w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
             if len(w) != len(members) or (w < 0).any() or not math.isclose(float(w.sum()), 1.0, rel_tol=1e-6):
                 raise FlowsError(f"mixture weights must be {len(members)} non-negative numbers summing to 1")
-        super().__init__(first.field, first.preprocess, first.shape, first.solver, first.config, first.step, path)
+        super().__init__(
+            first.field, first.preprocess, first.shape, first.solver, first.config, first.step, path, first.context
+        )
         self.members, self.weights = members, w
 
     def to(self, device: torch.device | str) -> Mixture:
         for m in self.members:
             m.to(device)
-        self.field, self.preprocess = self.members[0].field, self.members[0].preprocess
+        first = self.members[0]
+        self.field, self.preprocess, self.context = first.field, first.preprocess, first.context
         return self
 
     def __repr__(self) -> str:
@@ -51,11 +54,11 @@ class Mixture(Flow):
 
     # ------------------------------------------------------------------ log-density
     def _log_prob_batch(
-        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None
+        self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor, int]:
-        """log Σ_m w_m p_m(x) of one batch. The variance (Hutchinson probes) is the delta method's:
-        Σ_m r_m² var_m, with r_m the members' responsibilities."""
-        parts = [m._log_prob_batch(raw, opts, generator) for m in self.members]
+        """log Σ_m w_m p_m(x) of one batch (p_m(x | c) with a context). The variance (Hutchinson probes) is the
+        delta method's: Σ_m r_m² var_m, with r_m the members' responsibilities."""
+        parts = [m._log_prob_batch(raw, opts, generator, context) for m in self.members]
         lps = torch.stack([p[0] for p in parts])  # (M, B)
         weighted = lps + self.weights.to(lps.device).log()[:, None]
         lp = torch.logsumexp(weighted, 0)
@@ -65,7 +68,14 @@ class Mixture(Flow):
 
     # ------------------------------------------------------------------ sampling
     def _draw(
-        self, n: int, generator: torch.Generator | None, chunk: int, progress: bool, solver: SolverOptions
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        chunk: int,
+        progress: bool,
+        solver: SolverOptions,
+        context: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> tuple[Tensor, dict[str, Any]]:
         """Each point from a member drawn with probability w_m (multinomial counts, the order shuffled by the
         draw itself). Info: ``nfe`` summed over members, transport averaged over points, ``member`` (n,)."""
@@ -80,7 +90,8 @@ class Mixture(Flow):
             count = int(mask.sum())
             if count == 0:
                 continue
-            x, part = member._draw(count, generator, chunk, progress, solver)
+            c = context[mask] if context is not None else None
+            x, part = member._draw(count, generator, chunk, progress, solver, c, guidance)
             out[mask], noise[mask], kinetic[mask] = x.to(out.dtype), part["noise"].to(out.dtype), part["kinetic"]
             info["nfe"] += part["nfe"]
             for key in ("kinetic_energy", "straightness"):

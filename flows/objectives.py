@@ -1,5 +1,9 @@
 """Training objectives: modules whose ``forward(x, draws)`` returns ``(loss, stats)``.
 
+A conditional run trains p(x | c): the context (model units: standardized vectors or labels) travels in
+``draws["context"]``, one row per sample, so micro-batches slice it with the rest. ``label_dropout``
+replaces a share of the labels by the null label when the draws are made (classifier-free guidance).
+
 Each kind registers its name, its settings (the ``objective.*`` keys of that kind) and its
 capabilities here. Accelerate wraps the objective (not the field) for DDP; the field inside stays
 unwrapped so the adjoint sees the real parameters. Objectives know nothing of Accelerate or of the
@@ -15,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from flows.context import Context
 from flows.coupling import COUPLINGS
 from flows.errors import ConfigError, unknown_value
 from flows.likelihood import log_prob
@@ -44,8 +49,10 @@ class MLESettings:
     kinetic: float = 0.0  # weight of the kinetic energy  ∫‖v‖² dt  (RNODE)
     jacobian: float = 0.0  # weight of the Jacobian Frobenius norm  ∫‖∂v/∂x‖²_F dt  (RNODE)
     hjb: float = 0.0  # a field with an analytic divergence (potential): weight of ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow)
+    label_dropout: float = 0.0  # data.labels: share of labels replaced by the null label (classifier-free guidance)
 
     def check(self, field: FieldKind, prefix: str = "objective.") -> None:
+        _check_dropout(self.label_dropout, prefix)
         for name in ("kinetic", "jacobian", "hjb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"invalid config value: {prefix}{name} must be >= 0.")
@@ -71,23 +78,40 @@ class FMSettings:
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    label_dropout: float = 0.0  # data.labels: share of labels replaced by the null label (classifier-free guidance)
 
     def check(self, field: FieldKind, prefix: str = "objective.") -> None:
+        _check_dropout(self.label_dropout, prefix)
         if self.logit_normal_std <= 0:
             raise ConfigError(f"invalid config value: {prefix}logit_normal_std must be > 0.")
+
+
+def _check_dropout(p: float, prefix: str) -> None:
+    if not 0 <= p < 1:
+        raise ConfigError(f"invalid config value: {prefix}label_dropout must be in [0, 1).")
+
+
+def draw_context(context: Tensor | None, dropout: float, null: int | None) -> dict[str, Tensor]:
+    """The step's context draw: the batch's context, with a share ``dropout`` of labels set to ``null``."""
+    if context is None:
+        return {}
+    if dropout > 0 and null is not None:
+        drop = torch.rand(context.shape[0], device=context.device) < dropout
+        context = torch.where(drop, torch.full_like(context, null), context)
+    return {"context": context}
 
 
 class MaximumLikelihood(nn.Module):
     """−log p(x) + λ_K ∫‖v‖²dt + λ_J ∫‖∂v/∂x‖²_F dt  (FFJORD with RNODE regularization);
     for a potential field, + λ_HJB ∫|∂ₜΦ − ½‖∇Φ‖²| dt (OT-Flow's HJB penalty) instead of the Jacobian term."""
 
-    def __init__(self, field: nn.Module, settings: MLESettings, solver: SolverOptions):
+    def __init__(self, field: nn.Module, settings: MLESettings, solver: SolverOptions, null: int | None = None):
         super().__init__()
-        self.field, self.settings, self.solver = field, settings, dict(solver)
+        self.field, self.settings, self.solver, self.null = field, settings, dict(solver), null
 
-    def draw(self, x: Tensor) -> dict[str, Tensor]:
-        """The step's random draws (none here: a Hutchinson probe is drawn inside each solve)."""
-        return {}
+    def draw(self, x: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
+        """The step's random draws: the context (label dropout); a Hutchinson probe is drawn inside each solve."""
+        return draw_context(context, self.settings.label_dropout, self.null)
 
     def forward(self, x: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
         s = self.settings
@@ -99,6 +123,7 @@ class MaximumLikelihood(nn.Module):
             kinetic=s.kinetic > 0,
             jacobian=s.jacobian > 0,
             hjb=s.hjb > 0,
+            context=(draws or {}).get("context"),
             **self.solver,
         )
         nll = -res.log_prob.mean()
@@ -119,37 +144,51 @@ class FlowMatching(nn.Module):
     Vectors and images alike; under mixed precision the loss itself is computed in float32.
     """
 
-    def __init__(self, field: nn.Module, settings: FMSettings, compile: bool = False):
+    def __init__(self, field: nn.Module, settings: FMSettings, compile: bool = False, null: int | None = None):
         super().__init__()
-        self.field, self.settings = field, settings
+        self.field, self.settings, self.null = field, settings, null
         self.path = AffinePath(SCHEDULERS[settings.path]())
         self.coupling = COUPLINGS[settings.coupling]
         # torch.compile'd field for the regression; kept out of the module tree (set through __dict__) so
         # that state dicts and checkpoints hold the plain field's keys and load with or without compile
         self.__dict__["_forward_field"] = torch.compile(field) if compile else field
 
-    def draw(self, x1: Tensor) -> dict[str, Tensor]:
+    def draw(self, x1: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
         """The noise x₀ and the times t for a batch, one row per sample: drawn for a whole batch, then sliced
         into micro-batches (gradient accumulation), they give the same per-sample draws as one batch."""
         s = self.settings
         x0 = torch.randn_like(x1)
         t = sample_time(len(x1), s.time_sampling, s.logit_normal_mean, s.logit_normal_std, x1.device)
-        return {"x0": x0, "t": t}
+        return {"x0": x0, "t": t} | draw_context(context, s.label_dropout, self.null)
 
     def forward(self, x1: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
         draws = draws or self.draw(x1)
-        x0, x1 = self.coupling(draws["x0"], x1)  # ot: coupled within the (micro-)batch
+        context = draws.get("context")
+        x0, x1 = self._couple(draws["x0"], x1, context)
         t = draws["t"]
         ps = self.path.sample(x0, x1, t)
-        loss = (self._forward_field(ps.xt, t).float() - ps.dxt).pow(2).mean()
+        extra = () if context is None else (context,)
+        loss = (self._forward_field(ps.xt, t, *extra).float() - ps.dxt).pow(2).mean()
         return loss, {}
+
+    def _couple(self, x0: Tensor, x1: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The coupling within the (micro-)batch; with labels, minibatch OT pairs noise and data of the same label
+        only (the noise given y stays N(0, I), so the flow given y still carries N(0, I) to p(x | y))."""
+        if context is None or self.settings.coupling == "independent":
+            return self.coupling(x0, x1)
+        out = x0.clone()
+        for label in context.unique():
+            rows = (context == label).nonzero().flatten()
+            paired, _ = self.coupling(x0[rows], x1[rows])  # ot keeps x1's order: x0 is permuted to match it
+            out[rows] = paired
+        return out, x1
 
 
 @dataclass(frozen=True)
 class ObjectiveKind:
     name: str
     settings: type  # a dataclass: this kind's keys, and ``check(field_kind, prefix)``
-    build: Callable[[nn.Module, Any, SolverOptions, bool], nn.Module]  # (field, settings, solver, compile)
+    build: Callable[..., nn.Module]  # (field, settings, solver, compile, null label or None)
     solves_ode: bool  # an ODE solve (and a double backward) in the loss: float32 only, no torch.compile
     title: str  # what it is, for messages
 
@@ -163,10 +202,16 @@ def _register(kind: ObjectiveKind) -> None:
 
 _register(
     ObjectiveKind(
-        "mle", MLESettings, lambda f, s, solver, c: MaximumLikelihood(f, s, solver), True, "maximum likelihood"
+        "mle",
+        MLESettings,
+        lambda f, s, solver, c, null: MaximumLikelihood(f, s, solver, null),
+        True,
+        "maximum likelihood",
     )
 )
-_register(ObjectiveKind("fm", FMSettings, lambda f, s, solver, c: FlowMatching(f, s, c), False, "flow matching"))
+_register(
+    ObjectiveKind("fm", FMSettings, lambda f, s, solver, c, null: FlowMatching(f, s, c, null), False, "flow matching")
+)
 
 
 def objective_kind(name: str) -> ObjectiveKind:
@@ -175,10 +220,14 @@ def objective_kind(name: str) -> ObjectiveKind:
     return OBJECTIVES[name]
 
 
-def build_objective(field: nn.Module, settings: Any, solver: SolverOptions, compile: bool = False) -> nn.Module:
+def build_objective(
+    field: nn.Module, settings: Any, solver: SolverOptions, compile: bool = False, context: Context | None = None
+) -> nn.Module:
     """The objective of ``settings`` (a kind's settings) around ``field``; ``solver``: the training solve's options.
-    ``compile`` only where the kind solves no ODE in its loss (torch.compile has no double backward)."""
+    ``compile`` only where the kind solves no ODE in its loss (torch.compile has no double backward). ``context``:
+    what a conditional field is conditioned on (its null label serves label dropout)."""
     kind = objective_kind(settings.name)
     if compile and kind.solves_ode:
         raise ConfigError(f"torch.compile is not available for {kind.title}: its loss needs a double backward.")
-    return kind.build(field, settings, solver, compile)
+    null = context.null if context is not None and context.kind == "labels" else None
+    return kind.build(field, settings, solver, compile, null)

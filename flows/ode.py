@@ -132,11 +132,16 @@ class Dynamics(nn.Module):
         trace: str = "exact",
         probe: Tensor | None = None,
         nfe: NFE | None = None,
+        context: Tensor | None = None,
     ):
         super().__init__()
         self.field, self.integrals, self.trace, self.probe = field, integrals, trace, probe
+        # a conditional field's context, one row per point (constant along the solve): v(x, t, c)
+        self.extra = () if context is None else (context,)
         self.nfe = nfe if nfe is not None else NFE()
         self.analytic = getattr(field, "analytic_divergence", False)
+        if self.analytic and context is not None:
+            raise ConfigError("a field with an analytic divergence (the potential) takes no context")
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe.total += 1
@@ -149,13 +154,13 @@ class Dynamics(nn.Module):
             if "hjb" in wanted:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
                 rates["hjb"] = (phi_t - 0.5 * v.pow(2).sum(1)).abs()
         elif "divergence" not in wanted and "jacobian" not in wanted:
-            v = self.field(x, t)
+            v = self.field(x, t, *self.extra)
         else:
             create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
             with torch.enable_grad():
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)
-                v = self.field(x, t)
+                v = self.field(x, t, *self.extra)
                 frobenius = "jacobian" in wanted
                 if self.trace == "exact":
                     rates["divergence"], rates["jacobian"] = divergence_exact(v, x, create_graph, frobenius)
@@ -184,6 +189,7 @@ def solve(
     jacobian: bool = False,
     hjb: bool = False,
     generator: torch.Generator | None = None,
+    context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> Solution:
     """Integrate x (B, *shape) from t0 to t1 under ``field`` with the requested integrals.
@@ -194,6 +200,7 @@ def solve(
         kinetic, jacobian, hjb: also integrate ‖v‖², ‖∂v/∂x‖²_F (needs a trace and a field without an
             analytic divergence: it reuses the trace's vector-Jacobian products) or the HJB residual
             (a potential field).
+        context: a conditional field's context, one row per point (B, ...), passed as ``field(x, t, context)``.
         **solver: :class:`SolverOptions` (method, atol, rtol, step_size, adjoint, max_steps).
 
     Returns:
@@ -213,7 +220,9 @@ def solve(
     asked = {"divergence": trace is not None, "kinetic": kinetic, "jacobian": jacobian, "hjb": hjb}
     integrals = tuple(name for name in INTEGRALS if asked[name])
     eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None
-    dynamics = Dynamics(field, integrals, trace or "exact", eps)
+    if context is not None and len(context) != x.shape[0]:
+        raise ConfigError(f"{len(context)} context rows for {x.shape[0]} points")
+    dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context)
     zeros = x.new_zeros(x.shape[0])
     state = (x,) + (zeros,) * len(integrals)
     n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
@@ -260,9 +269,11 @@ def _odeint(
         raise solver_error(e, options) from None
 
 
-def solve_path(field: nn.Module, x: Tensor, times: Tensor, **solver: Unpack[SolverOptions]) -> tuple[Tensor, NFE]:
+def solve_path(
+    field: nn.Module, x: Tensor, times: Tensor, context: Tensor | None = None, **solver: Unpack[SolverOptions]
+) -> tuple[Tensor, NFE]:
     """The states at each of ``times`` (T,), starting from x at times[0]: (T, B, ...), and the NFE."""
-    dynamics = Dynamics(field)
+    dynamics = Dynamics(field, context=context)
     (path,) = _odeint(dynamics, (x,), times.to(x), solver_options(**solver), field)
     dynamics.nfe.forward = dynamics.nfe.total
     return path, dynamics.nfe

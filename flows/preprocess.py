@@ -6,6 +6,11 @@ For discrete data (values 0..levels-1) the map is, in order:
 2. optional logit transform with ``alpha`` (RealNVP / FFJORD):  s = logit(alpha + (1 - 2 alpha) y)
 3. an affine map:  x = (s - shift) / scale
 
+Continuous data with declared bounds (a simulator's box prior, ``data.bounds``) is first mapped from each
+bounded coordinate's interval (lo, hi) to the real line, s = logit((y - lo) / (hi - lo)), then
+standardized: the flow works unbounded, every sample it returns lies strictly inside the box, and the
+log-det of the map is counted, so the density is normalized on the box (no mass leaks out of it).
+
 Likelihoods are reported in the space of y (the dequantized data in [0, 1)^D, or raw units for
 continuous data): ``log p_y(y) = log p_x(x) + log|det ∂x/∂y|``. ``log_det(x)`` returns that
 term per sample, computed from the model-space point x alone (every step is invertible).
@@ -32,10 +37,21 @@ class Preprocess:
     scale: Tensor
     levels: int | None = None  # number of discrete values per dimension, None if continuous
     logit_alpha: float = 0.0  # > 0: logit transform after dequantization (discrete data only)
+    low: Tensor | None = None  # continuous data: (D,) lower bounds (-inf: unbounded coordinate)
+    high: Tensor | None = None  # (D,) upper bounds (+inf: unbounded)
 
     def to(self, device: torch.device | str) -> Preprocess:
         """The same map with its constants on ``device``."""
-        return Preprocess(self.shift.to(device), self.scale.to(device), self.levels, self.logit_alpha)
+        low, high = (b.to(device) if b is not None else None for b in (self.low, self.high))
+        return Preprocess(self.shift.to(device), self.scale.to(device), self.levels, self.logit_alpha, low, high)
+
+    def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(bounded mask, lo, width) on x's device in float64-safe form; unbounded coordinates get lo 0, width 1."""
+        low, high = self.low.to(x.device, x.dtype), self.high.to(x.device, x.dtype)
+        mask = torch.isfinite(low) & torch.isfinite(high)
+        lo = torch.where(mask, low, torch.zeros_like(low))
+        width = torch.where(mask, high - low, torch.ones_like(low))
+        return mask, lo, width
 
     def _affine(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         dtype = dtype or self.shift.dtype
@@ -50,6 +66,9 @@ class Preprocess:
             y = (y + noise) / self.levels
         if self.logit_alpha > 0:
             y = torch.logit(self.logit_alpha + (1 - 2 * self.logit_alpha) * y)
+        if self.low is not None:
+            mask, lo, width = self._bounds(y)
+            y = torch.where(mask, torch.logit((y - lo) / width), y)
         shift, scale = self._affine(y)
         return (y - shift) / scale
 
@@ -59,6 +78,9 @@ class Preprocess:
         s = x * scale + shift
         if self.logit_alpha > 0:
             s = (torch.sigmoid(s) - self.logit_alpha) / (1 - 2 * self.logit_alpha)
+        if self.low is not None:
+            mask, lo, width = self._bounds(s)
+            s = torch.where(mask, lo + width * torch.sigmoid(s), s)
         return s
 
     def log_det(self, x: Tensor) -> Tensor:
@@ -75,10 +97,19 @@ class Preprocess:
             # ds/dy = (1 - 2 alpha) / (p (1 - p)) with p = sigmoid(s)
             per = math.log(1 - 2 * self.logit_alpha) - F.logsigmoid(s) - F.logsigmoid(-s)
             out = out + per.reshape(x.shape[0], dim).sum(1)
+        if self.low is not None:
+            s = x * scale + shift
+            mask, _, width = self._bounds(s)
+            # ds/dy = 1 / (width u (1 - u)) with u = sigmoid(s)
+            per = -torch.log(width) - F.logsigmoid(s) - F.logsigmoid(-s)
+            out = out + torch.where(mask, per, torch.zeros_like(per)).reshape(x.shape[0], dim).sum(1)
         return out
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"preprocess.shift": self.shift.contiguous(), "preprocess.scale": self.scale.contiguous()}
+        out = {"preprocess.shift": self.shift.contiguous(), "preprocess.scale": self.scale.contiguous()}
+        if self.low is not None:
+            out |= {"preprocess.low": self.low.contiguous(), "preprocess.high": self.high.contiguous()}
+        return out
 
 
 def bits_per_dim(nll: Tensor | float, dim: int, levels: int) -> Tensor | float:

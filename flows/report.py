@@ -16,14 +16,14 @@ from torch import Tensor
 from flows.flow import Flow
 from flows.plotting import grid, plot_2d
 
-__all__ = ["final_pictures", "plot_density", "image_grid", "save_grid", "grid_log_density"]
+__all__ = ["final_pictures", "plot_density", "image_grid", "class_grid", "save_grid", "grid_log_density"]
 
 
-def save_grid(images: Tensor, out: Path) -> Path:
-    """Save images (N, C, H, W) in [0, 1] as one square-ish grid."""
+def save_grid(images: Tensor, out: Path, nrow: int | None = None) -> Path:
+    """Save images (N, C, H, W) in [0, 1] as one grid of ``nrow`` images a row (default: square-ish)."""
     from torchvision.utils import save_image
 
-    save_image(images.clamp(0, 1), out, nrow=max(1, round(len(images) ** 0.5)), padding=1)
+    save_image(images.clamp(0, 1), out, nrow=nrow or max(1, round(len(images) ** 0.5)), padding=1)
     return out
 
 
@@ -42,6 +42,15 @@ def image_grid(flow: Flow, out: Path, n: int = 64, seed: int = 0) -> Path:
     return save_grid(images.cpu() / (flow.levels - 1), out)
 
 
+def class_grid(flow: Flow, out: Path, per_class: int = 8, guidance: float = 0.0, seed: int = 0, **solver: Any) -> Path:
+    """Write a label-conditional image flow's samples as a grid, one row per class (``per_class`` a row)."""
+    labels = torch.arange(flow.context.classes, device=flow.device)
+    gen = torch.Generator(flow.device).manual_seed(seed)
+    images = flow.sample(per_class, context=labels, guidance=guidance, generator=gen, **solver)
+    images = images.reshape(-1, *flow.shape)  # (classes * per_class, C, H, W), class by class
+    return save_grid(images.cpu() / (flow.levels - 1), out, nrow=per_class)
+
+
 def plot_density(
     flow: Flow, reference: Tensor, out: Path, title: str, n_samples: int = 20_000, grid_size: int = 120, seed: int = 0
 ) -> Path:
@@ -56,6 +65,10 @@ def plot_density(
 def final_pictures(flow: Flow, reference: Tensor, run_dir: Path, data_name: str) -> dict[str, Path]:
     """The pictures at the end of a run: ``samples.png`` (2D) or ``samples_grid.png`` (images), by name."""
     title = f"{data_name}, step {flow.step} (EMA)"
+    if flow.context is not None:  # conditional: a grid per class; a context vector has no one picture
+        if flow.context.kind == "labels" and len(flow.shape) == 3:
+            return {"samples": class_grid(flow, run_dir / "samples_grid.png")}
+        return {}
     if flow.dim == 2:
         return {"samples": plot_density(flow, reference, run_dir / "samples.png", title)}
     if len(flow.shape) == 3:

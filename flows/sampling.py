@@ -29,12 +29,21 @@ class SampleResult:
 
 @torch.no_grad()
 def _flow(
-    field: nn.Module, start: Tensor, t0: float, t1: float, chunk: int, progress: bool, solver: SolverOptions
+    field: nn.Module,
+    start: Tensor,
+    t0: float,
+    t1: float,
+    chunk: int,
+    progress: bool,
+    solver: SolverOptions,
+    context: Tensor | None = None,
 ) -> SampleResult:
     xs, kin, nfe = [], [], 0
     parts = start.split(chunk)
-    for part in tqdm(parts, desc="solve", unit="chunk", disable=not progress or len(parts) < 2):
-        sol = solve(field, part, t0, t1, kinetic=True, **solver)
+    contexts = context.split(chunk) if context is not None else [None] * len(parts)
+    bar = tqdm(parts, desc="solve", unit="chunk", disable=not progress or len(parts) < 2)
+    for part, c in zip(bar, contexts, strict=True):
+        sol = solve(field, part, t0, t1, kinetic=True, context=c, **solver)
         xs.append(sol.x)
         kin.append(sol.kinetic.abs())  # the integral runs backwards when t1 < t0
         nfe += sol.nfe.forward
@@ -49,31 +58,45 @@ def sample(
     chunk: int = 10_000,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> SampleResult:
     """``n`` samples (n, *shape) in model space, solved in chunks of ``chunk`` (bounded memory).
 
-    The noise is drawn on the field's device (``generator``, if given, must live there too).
+    The noise is drawn on the field's device (``generator``, if given, must live there too). A conditional
+    field's ``context`` has one row per sample.
     """
     param = next(iter(field.parameters()), None)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     device = param.device if param is not None else torch.device("cpu")
     z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
-    return _flow(field, z, 0.0, 1.0, chunk, progress, solver)
+    return _flow(field, z, 0.0, 1.0, chunk, progress, solver, context)
 
 
 def encode(
-    field: nn.Module, x: Tensor, *, chunk: int = 10_000, progress: bool = False, **solver: Unpack[SolverOptions]
+    field: nn.Module,
+    x: Tensor,
+    *,
+    chunk: int = 10_000,
+    progress: bool = False,
+    context: Tensor | None = None,
+    **solver: Unpack[SolverOptions],
 ) -> SampleResult:
     """Data (model space, t=1) → base points (t=0); ``result.x`` holds the codes."""
-    return _flow(field, x, 1.0, 0.0, chunk, progress, solver)
+    return _flow(field, x, 1.0, 0.0, chunk, progress, solver, context)
 
 
 def decode(
-    field: nn.Module, z: Tensor, *, chunk: int = 10_000, progress: bool = False, **solver: Unpack[SolverOptions]
+    field: nn.Module,
+    z: Tensor,
+    *,
+    chunk: int = 10_000,
+    progress: bool = False,
+    context: Tensor | None = None,
+    **solver: Unpack[SolverOptions],
 ) -> SampleResult:
     """Base points (t=0) → model space (t=1); ``result.x`` holds the data points."""
-    return _flow(field, z, 0.0, 1.0, chunk, progress, solver)
+    return _flow(field, z, 0.0, 1.0, chunk, progress, solver, context)
 
 
 def transport_summary(res: SampleResult) -> dict[str, float]:

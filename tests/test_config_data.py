@@ -91,13 +91,24 @@ def test_digits_dequantize_into_unit_interval():
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "idx": (1, 28, 28), "tabular": (6,)}
 
 
+def cfg_needs_path(path) -> bool:
+    return path.name.startswith(("tabular", "posterior"))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_network(path):
     from flows.nn import build_field
 
-    cfg = load_config(path, ["data.path=x.npy"] if path.name.startswith("tabular") else [])
+    cfg = load_config(path, ["data.path=x.npy"] if cfg_needs_path(path) else [])
     digits = (1, 8, 8) if cfg.data.image else (64,)
     shape = SHAPES.get(cfg.data.name, digits if cfg.data.name == "digits" else (2,))
+    if cfg.data.labels:  # class-conditional: the field takes labels
+        from flows.context import Context
+
+        field = build_field(cfg.model, shape, Context("labels", classes=10))
+        x = torch.zeros(2, *shape)
+        assert field(x, torch.rand(2), torch.tensor([0, 10])).shape == x.shape
+        return
     field = build_field(cfg.model, shape)
     x = torch.zeros(2, *shape)
     assert field(x, torch.rand(2)).shape == x.shape

@@ -29,6 +29,7 @@ CORE = {
     "flows.preprocess",
     "flows.flow",
     "flows.mixture",
+    "flows.context",
     "flows.flowfile",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}

@@ -114,8 +114,22 @@ trainer.accelerator.end_training()
 """
 
 
+def conditional_overrides(tmp_path, run_dir):
+    """A posterior-estimation run (maximum likelihood of p(theta | x)) on 64 simulated pairs."""
+    import numpy as np
+
+    sims = tmp_path / "sims.npz"
+    if not sims.exists():
+        rng = np.random.default_rng(0)
+        theta = rng.normal(size=(64, 2)).astype(np.float32)
+        np.savez(sims, theta=theta, x=(theta + 0.3 * rng.normal(size=(64, 2))).astype(np.float32))
+    keep = [o for o in tiny_overrides(run_dir, steps=3) if not o.startswith("data.")]
+    return [*keep, "data.name=tabular", f"data.path={sims}", "data.key=theta", "data.context_key=x"]
+
+
 @pytest.mark.distributed
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "context"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, conditional):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     results = {}
@@ -141,10 +155,10 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
         ]
         if n > 1:
             launch.append("--multi_gpu")
-        proc = run(
-            [*launch, str(worker), str(out), *tiny_overrides(out / "run", steps=3)],
-            extra_env={"ACCELERATE_USE_CPU": "1"},
+        overrides = (
+            conditional_overrides(tmp_path, out / "run") if conditional else tiny_overrides(out / "run", steps=3)
         )
+        proc = run([*launch, str(worker), str(out), *overrides], extra_env={"ACCELERATE_USE_CPU": "1"})
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
         assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-2000:]
         # one file per rank: two processes really ran (the wrong flags silently start one)
@@ -158,7 +172,8 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     for key in single:
         torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)  # ranks agree exactly
         torch.testing.assert_close(rank0[key], single[key], atol=1e-6, rtol=1e-5)  # = one process
-
+    if conditional:
+        return
     # the two-process run resumes with two processes (`launch` is still the two-process command)
     run_dir = tmp_path / "p2" / "run"
     proc = run([*launch, "train.py", "--resume", str(run_dir), "train.steps=5"], extra_env={"ACCELERATE_USE_CPU": "1"})

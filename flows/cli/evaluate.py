@@ -45,6 +45,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "solve (0 disables the self-check)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--context", help="with --data, a conditional run: .npy/.npz of contexts (one row for all, or one per point)"
+    )
+    p.add_argument("--marginal", action="store_true", help="label-conditional runs: log p(x) = log Σ_y p(y) p(x | y)")
     p.add_argument("--json", help="write the result here (default: eval_<split>.json next to the checkpoint)")
     p.add_argument(
         "--per-point",
@@ -74,12 +78,15 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError("--atol and --rtol must be positive")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
-        raw, source = points(args, model)
+        raw, source, context = points(args, model)
         gen = torch.Generator(acc.device).manual_seed(args.seed + acc.process_index)
         options = dict(trace=args.trace, probes=args.probes, deq_samples=args.deq_samples)
+        condition = "marginal" if model.context is not None and context is None else None
         options |= dict(method=args.method, atol=args.atol, rtol=args.rtol)
         # the same code path as model.log_prob(raw, generator=..., batch_size=...), split over processes
-        lp, var, info = gathered_log_prob(acc, model, raw, args.batch_size, gen, progress=True, **options)
+        lp, var, info = gathered_log_prob(
+            acc, model, raw, args.batch_size, gen, progress=True, context=context, **options
+        )
         result = summarize(lp, var, info["probes"], model.dim, model.levels)
         result |= {
             "nfe_per_solve": info["nfe"],
@@ -96,10 +103,14 @@ def main(argv: list[str] | None = None) -> None:
             "deq_samples": info["deq_samples"],
             "solver": info["solver"],
         }
+        if model.context is not None:  # what the density is of
+            result["density"] = "p(x) = Σ_y p(y) p(x | y)" if condition else "p(x | c)"
         if args.check and acc.is_main_process:
             gen = torch.Generator("cpu").manual_seed(args.seed)
             pick = torch.randperm(len(raw), generator=gen, device="cpu")[: args.check]
-            check = tolerance_check(model, raw[pick].to(acc.device), 100.0, args.seed, **options)
+            picked = {"context": context[pick].to(acc.device)} if context is not None and len(context) > 1 else {}
+            picked = {"context": context} if context is not None and len(context) == 1 else picked
+            check = tolerance_check(model, raw[pick].to(acc.device), 100.0, args.seed, **options, **picked)
             check["warning"] = bool(check["max_abs_change"] > result["nll_se"])
             result["tolerance_check"] = check
         if acc.is_main_process:
@@ -111,20 +122,44 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def points(args: argparse.Namespace, model):
-    """The raw points to evaluate (a file, or a split of the run's data) and a name for them."""
+    """The raw points to evaluate (a file, or a split of the run's data), a name for them, and their contexts
+    (conditional runs: the split's, or --context; None: unconditional, or a labelled run's marginal)."""
+    import torch
+
+    from flows.cli.sample import load_context
     from flows.data import build_data, check_shape, load_array
     from flows.errors import FlowsError
 
+    context = None
+    if args.context and model.context is None:
+        raise FlowsError(f"'{model.path}' is an unconditional flow: it takes no --context")
+    if args.context and not args.data:
+        raise FlowsError("--context goes with --data (the run's splits carry their own contexts)")
     if args.data:
         raw, source = load_array(args.data, ndim=None), args.data
+        if args.context:
+            context = model.context.check(load_context(args.context), torch.device("cpu"), f"--context {args.context}")
+        elif model.context is not None and model.context.kind == "vector":
+            raise FlowsError(f"'{model.path}' is conditional on {model.context.describe()}: pass --context FILE")
     elif model.config is None:
         raise FlowsError(f"'{model.path}' carries no run config, so no split to evaluate: pass --data FILE.")
     else:
         data = build_data(model.config.data)
-        raw = data.test if args.split == "test" else data.train
+        raw, context = (data.test, data.test_context) if args.split == "test" else (data.train, data.train_context)
         source = f"{model.config.data.name}:{args.split}"
+    if args.marginal:
+        if model.context is None or model.context.kind != "labels":
+            raise FlowsError("--marginal is for label-conditional runs (log Σ_y p(y) p(x | y))")
+        context = None
     check_shape(raw, model.shape, args.data or source)
-    return (raw[: args.limit] if args.limit else raw), source
+    if context is not None and len(context) not in (1, len(raw)):
+        raise FlowsError(f"{len(context)} contexts for {len(raw)} points: give one context, or one per point")
+    if args.limit:
+        raw = raw[: args.limit]
+        context = context[: args.limit] if context is not None and len(context) > 1 else context
+    if context is not None and len(context) == 1:
+        context = context.expand(len(raw), *context.shape[1:])
+    return raw, source, context
 
 
 def write(args: argparse.Namespace, run_dir: Path, result: dict, lp) -> None:

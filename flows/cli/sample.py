@@ -1,6 +1,9 @@
 """``python sample.py RUN_OR_CHECKPOINT -n N [--out DIR] [--seed S] [solver options]``
 
-``accelerate launch sample.py ...`` splits the samples over processes.
+Conditional runs: ``--label 3`` (or ``--label all``: N per class, a grid with one row per class) and
+``--guidance W`` for label-conditional runs; ``--context FILE`` (.npy/.npz: one context, or K rows for
+(K, N, ...) samples) for runs with a context vector. ``accelerate launch sample.py ...`` splits the samples
+over processes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,52 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data", help="with --encode: .npy/.npz of raw points")
     p.add_argument("--chunk", type=int, default=10_000, help="points per solve (bounds memory)")
+    cond = p.add_argument_group("conditional runs")
+    cond.add_argument("--label", help="a class label, or 'all' (-n per class; a grid with one row per class)")
+    cond.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight (0: none)")
+    cond.add_argument("--context", help=".npy/.npz of contexts: one row (N samples) or K rows (K x N samples)")
     return p.parse_args(argv)
+
+
+def load_context(path: str):
+    """A context file (.npy, or the first array of a .npz) as a tensor, nothing unpickled."""
+    import numpy as np
+    import torch
+
+    from flows.errors import DataError
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        array = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except (ValueError, OSError, IndexError) as e:
+        raise DataError(f"cannot read context file '{path}': {e}") from None
+    return torch.as_tensor(np.asarray(array), device="cpu")
+
+
+def context_of(args: argparse.Namespace, model):
+    """The context the command line gives (--label / --context), checked against the model; None if none."""
+    import torch
+
+    from flows.errors import FlowsError
+
+    if args.label is not None and args.context is not None:
+        raise FlowsError("give --label (label-conditional runs) or --context (runs with a context vector), not both")
+    given = args.label if args.label is not None else args.context
+    if given is None:
+        return None
+    ctx = model.context
+    if ctx is None:
+        raise FlowsError(f"'{model.path}' is an unconditional flow: it takes no --label or --context")
+    if args.label is not None:
+        if ctx.kind != "labels":
+            raise FlowsError(f"'{model.path}' is conditional on {ctx.describe()}: pass --context FILE, not --label")
+        if args.label == "all":
+            return torch.arange(ctx.classes, device="cpu")
+        try:
+            return ctx.check(int(args.label), torch.device("cpu"), "--label")
+        except ValueError:
+            raise FlowsError(f"--label must be an integer or 'all' (got {args.label!r})") from None
+    return ctx.check(load_context(args.context), torch.device("cpu"), f"--context {args.context}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         model = load(args.checkpoint, args.weights, acc.device)
         solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
         model.solve_options(**solve)  # bad values: an error before any work
+        args.given = context_of(args, model)  # bad labels or contexts: an error before any work
+        model._guided_field(args.guidance)
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         x, start, info = (encode_share if args.encode else sample_share)(args, model, acc, solve)
         straightness_sum = info["straightness"] * len(x)  # this process's mean, weighted to combine them
@@ -61,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         if not acc.is_main_process:
             return
-        x, start, kinetic = (torch.cat([p[i] for p in parts]) for i in range(3))
+        # K contexts: (K, share, ...) per process, joined along the samples
+        axis = 1 if parts[0][0].ndim == len(model.shape) + 2 else 0
+        x, start = (torch.cat([p[i] for p in parts], axis) for i in range(2))
+        kinetic = torch.cat([p[2] for p in parts])
         out.mkdir(parents=True, exist_ok=True)
         summary = {
             "mode": "encode" if args.encode else "sample",
@@ -77,13 +130,16 @@ def main(argv: list[str] | None = None) -> None:
             "step": model.step,
             "weights": args.weights,
         }
+        if args.given is not None:
+            summary |= {"context": args.given.tolist(), "guidance": args.guidance, "shape": list(x.shape)}
         written = []
         if args.encode:
             np.savez(out / "codes.npz", codes=x.numpy(), data=start.numpy())
             summary |= {"code_mean": x.mean().item(), "code_std": x.std().item()}
             written.append(out / "codes.npz")
         else:
-            np.savez(out / "samples.npz", samples=x.numpy(), noise=start.numpy())
+            given = {"context": args.given.numpy()} if args.given is not None else {}
+            np.savez(out / "samples.npz", samples=x.numpy(), noise=start.numpy(), **given)
             written.append(out / "samples.npz")
             written += pictures(model, x, out, args, summary)
         (out / "info.json").write_text(json.dumps(summary, indent=2))
@@ -100,10 +156,21 @@ def encode_share(args: argparse.Namespace, model, acc, solve: dict):
 
     if not args.data and model.config is None:
         raise FlowsError(f"'{model.path}' carries no run config, so no test split to encode: pass --data FILE.")
-    raw = load_array(args.data, ndim=None) if args.data else build_data(model.config.data).test
+    if args.data:
+        raw, context = load_array(args.data, ndim=None), args.given
+    else:
+        data = build_data(model.config.data)
+        raw, context = data.test, data.test_context
     check_shape(raw, model.shape, args.data or "test split")
-    mine = raw[: args.n][acc.process_index :: acc.num_processes]
-    x, info = model.encode(mine, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve)
+    if model.context is not None and context is None:
+        raise FlowsError("a conditional flow encodes with a context: pass --context FILE or --label (one per point)")
+    rows = slice(acc.process_index, None, acc.num_processes)
+    mine = raw[: args.n][rows]
+    if context is not None and len(context) > 1:
+        context = context[: args.n][rows]
+    x, info = model.encode(
+        mine, context=context, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+    )
     return x, mine, info
 
 
@@ -114,7 +181,14 @@ def sample_share(args: argparse.Namespace, model, acc, solve: dict):
     share = args.n // acc.num_processes + int(acc.process_index < args.n % acc.num_processes)
     gen = torch.Generator(acc.device).manual_seed(args.seed + 1_000_003 * acc.process_index)
     x, info = model.sample(
-        share, generator=gen, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+        share,
+        context=args.given,
+        guidance=args.guidance,
+        generator=gen,
+        chunk=args.chunk,
+        return_info=True,
+        progress=acc.is_local_main_process,
+        **solve,
     )
     return x, info["noise"], info
 
@@ -133,9 +207,13 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
     kind = DATASETS.get(model.config.data.name) if model.config is not None else None
     picture = model.shape if len(model.shape) == 3 else kind.image_shape if kind else None
     if picture:  # images, or vectors that are pictures (digits as 64-D vectors)
-        images = data[:64].reshape(-1, *picture)
-        written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png"))  # levels → [0, 1]
-    if model.dim != 2 or model.config is None:  # the density picture needs the run's data as reference
+        if data.ndim == len(model.shape) + 2:  # K contexts (a class grid): one row each, 16 samples a row
+            per_row = min(data.shape[1], 16)
+            images, nrow = data[:, :per_row].reshape(-1, *picture), per_row
+        else:
+            images, nrow = data[:64].reshape(-1, *picture), None
+        written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png", nrow))  # levels → [0, 1]
+    if model.dim != 2 or model.config is None or model.context is not None:  # needs the run's data as reference
         return written
     solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
     reference = build_data(model.config.data).test.numpy()

@@ -4,17 +4,21 @@ Each dataset module registers its names here with a builder ``DataConfig -> Data
 needs (``needs_path``); ``build_data`` looks the name up. No other module tests a dataset's name.
 ``DataConfig`` stays one section for every kind: its keys are shared (``path`` by tables and IDX
 folders, ``root`` by torchvision sets and the MAF suite, the split fractions by digits, tables and
-IDX folders), and each key's comment says which kinds read it.
+IDX folders), and each key's comment says which kinds read it. A kind declares what it can be conditioned
+on (``context``): "labels" (image sets with ``data.labels``) or "vector" (tables: ``data.context_key`` or
+``data.context_columns``, and ``data.key`` / ``data.bounds``); a key that the kind does not read is refused.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
+from flows.context import Context
 from flows.errors import ConfigError, DataError, unknown_value
 from flows.preprocess import Preprocess
 
@@ -37,6 +41,11 @@ class DataConfig:
     val_path: str | None = None  # tabular: a predefined validation split (model selection, early stopping)
     val_fraction: float = 0.0  # digits / tabular: share of the training rows held out for validation
     dequantize: bool = False  # tabular: add U[0, 1) noise once (seeded) to integer-valued columns, as MAF's POWER
+    labels: bool = False  # digits / mnist / cifar10 / idx: train p(x | y) on the class labels (idx: *labels-idx1-ubyte)
+    key: str | None = None  # tabular .npz: the array that is modelled (default: the first array)
+    context_key: str | None = None  # tabular .npz: the array of contexts, one row per row of data.key: p(x | c)
+    context_columns: list[int] = field(default_factory=list)  # tabular: these columns are the context, not modelled
+    bounds: list[list[float] | None] | None = None  # tabular: [lo, hi] per modelled column (null: unbounded)
     seed: int = 0
     test_seed: int = 1
 
@@ -52,9 +61,30 @@ class DataConfig:
                 raise ConfigError(f"invalid config value: {prefix}{message}.")
         if self.name not in DATASETS:
             unknown_value(f"{prefix}name", self.name, list(DATASETS))
-        needs = DATASETS[self.name].needs_path
+        kind = DATASETS[self.name]
+        needs = kind.needs_path
         if needs and not self.path:
             raise ConfigError(f"{prefix}name={self.name} needs {prefix}path={needs}.")
+        if self.labels and kind.context != "labels":
+            raise ConfigError(
+                f"invalid config value: {prefix}labels: {prefix}name={self.name} has no class labels (labels: digits, "
+                f"mnist, cifar10, idx; a table's context: {prefix}context_key or {prefix}context_columns)."
+            )
+        table_keys = {"key": self.key, "context_key": self.context_key, "context_columns": self.context_columns}
+        table_keys["bounds"] = self.bounds
+        for key, value in table_keys.items():
+            if value and kind.context != "vector":
+                raise ConfigError(f"invalid config value: {prefix}{key} is read by tables ({prefix}name=tabular) only.")
+        if self.context_key and self.context_columns:
+            raise ConfigError(
+                f"invalid config value: give {prefix}context_key (an array of the .npz) or {prefix}context_columns "
+                "(columns of the table), not both."
+            )
+        for i, pair in enumerate(self.bounds or []):
+            if pair is not None and (len(pair) != 2 or not pair[0] < pair[1]):
+                raise ConfigError(
+                    f"invalid config value: {prefix}bounds[{i}] must be [lo, hi] with lo < hi, got {pair}."
+                )
 
 
 @dataclass
@@ -64,6 +94,23 @@ class Data:
     test: Tensor
     preprocess: Preprocess
     val: Tensor | None = None  # validation rows (model selection, early stopping), never trained on
+    # conditional data: the context of each row of train / val / test (raw units), (N, C) floats or (N,) labels
+    train_context: Tensor | None = None
+    val_context: Tensor | None = None
+    test_context: Tensor | None = None
+    classes: int = 0  # labels: the number of classes
+
+    def conditioning(self, label_dropout: float = 0.0) -> Context | None:
+        """What a flow of these data is conditioned on (None: nothing): labels with their frequencies, or a
+        context vector standardized on the training rows (a constant column keeps scale 1)."""
+        c = self.train_context
+        if c is None:
+            return None
+        if self.classes:
+            prior = torch.bincount(c.long(), minlength=self.classes).double()
+            return Context("labels", classes=self.classes, prior=prior, dropout=label_dropout)
+        std = c.std(0) if len(c) > 1 else torch.ones(c.shape[1], device="cpu")
+        return Context("vector", dim=c.shape[1], shift=c.mean(0), scale=torch.where(std > 0, std, torch.ones_like(std)))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -80,15 +127,20 @@ class DatasetKind:
     build: Callable[[DataConfig], Data]
     needs_path: str = ""  # what data.path must name, if the kind reads one
     image_shape: tuple[int, ...] | None = None  # vectors that are pictures (digits: (1, 8, 8)), for sample grids
+    context: str = ""  # what it can be conditioned on: "labels", "vector" (a table's context), or ""
 
 
 DATASETS: dict[str, DatasetKind] = {}
 
 
 def register_dataset(
-    name: str, build: Callable[[DataConfig], Data], needs_path: str = "", image_shape: tuple[int, ...] | None = None
+    name: str,
+    build: Callable[[DataConfig], Data],
+    needs_path: str = "",
+    image_shape: tuple[int, ...] | None = None,
+    context: str = "",
 ) -> None:
-    DATASETS[name] = DatasetKind(name, build, needs_path, image_shape)
+    DATASETS[name] = DatasetKind(name, build, needs_path, image_shape, context)
 
 
 def build_data(cfg: DataConfig) -> Data:

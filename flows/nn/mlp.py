@@ -1,4 +1,4 @@
-"""TimeMLP: a time-conditioned MLP vector field v(x, t) for vectors of any dimension."""
+"""TimeMLP: a time-conditioned MLP vector field v(x, t) (or v(x, t, c) with a context) for vectors of any dimension."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from flows.errors import ConfigError
+from flows.context import Context
+from flows.errors import ConfigError, FlowsError
 from flows.nn.embedding import TimeFeatures, time_rows
 from flows.nn.registry import FieldKind, register_field
 
@@ -43,10 +44,13 @@ class ConcatInput(nn.Module):
 
 
 class TimeMLP(nn.Module):
-    """Vector field on R^dim. ``forward(x, t)``: x (B, dim), t (B,) or () → (B, dim).
+    """Vector field on R^dim. ``forward(x, t, context=None)``: x (B, dim), t (B,) or () → (B, dim).
 
     conditioning: "concatsquash" gates every layer by the time (FFJORD); "concat" feeds the time
     features to the first layer of a plain MLP (zuko's CNF, torchcfm's MLP).
+    With ``context_dim`` > 0 the field is conditional, v(x, t, c) with c (B, context_dim): c (through an
+    optional embedding MLP of widths ``context_embedding``, trained with the field, as sbi's
+    ``embedding_net``) enters the first layer beside x and every time gate beside the time features.
     Smooth activations only: the divergence must be continuous for adaptive solvers.
     Samples never interact (no normalization across the batch).
     """
@@ -58,29 +62,52 @@ class TimeMLP(nn.Module):
         activation: str = "tanh",
         time_features: int = 0,
         conditioning: str = "concatsquash",
+        context_dim: int = 0,
+        context_embedding: Sequence[int] = (),
     ):
         super().__init__()
         self.time = TimeFeatures(max(time_features, 1))
-        widths = [dim, *hidden, dim]
+        self.context_dim = context_dim
+        self.embed = _embedding(context_dim, context_embedding, activation) if context_dim else None
+        d_ctx = (context_embedding[-1] if context_embedding else context_dim) if context_dim else 0
+        d_cond = self.time.dim + d_ctx  # what gates each layer: the time features and the (embedded) context
+        widths = [dim + d_ctx, *hidden, dim]
         pairs = list(zip(widths[:-1], widths[1:], strict=True))
         if conditioning == "concatsquash":
-            layers = [ConcatSquash(a, b, self.time.dim) for a, b in pairs]
+            layers = [ConcatSquash(a, b, d_cond) for a, b in pairs]
         elif conditioning == "concat":
-            layers = [ConcatInput(*pairs[0], self.time.dim), *(nn.Linear(a, b) for a, b in pairs[1:])]
+            layers = [ConcatInput(*pairs[0], d_cond), *(nn.Linear(a, b) for a, b in pairs[1:])]
         else:
             raise ConfigError(f"unknown conditioning {conditioning!r}: use 'concatsquash' or 'concat'")
         self.gated = conditioning == "concatsquash"
         self.layers = nn.ModuleList(layers)
         self.act = ACTIVATIONS[activation]()
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         temb = self.time(time_rows(t, x.shape[0], x.dtype))  # (1, d) when t is shared: broadcast
-        h = x
+        h, cond = x, temb
+        if self.embed is not None:
+            if context is None:
+                raise FlowsError(f"this field is conditional: pass a context of {self.context_dim} features")
+            c = self.embed(context.to(x.dtype))
+            h, cond = torch.cat([x, c], 1), torch.cat([temb.expand(x.shape[0], -1), c], 1)
+        elif context is not None:
+            raise FlowsError("this field was built without a context: it takes none")
         for i, layer in enumerate(self.layers):
-            h = layer(h, temb) if i == 0 or self.gated else layer(h)
+            h = layer(h, cond) if i == 0 or self.gated else layer(h)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h
+
+
+def _embedding(dim: int, widths: Sequence[int], activation: str) -> nn.Module:
+    """The context's embedding MLP (widths ``widths``, the field's activation), or the identity."""
+    if not widths:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    for a, b in zip([dim, *widths[:-1]], widths, strict=True):
+        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers[:-1])  # no activation after the last layer
 
 
 @dataclass
@@ -92,16 +119,20 @@ class MLPSettings:
     activation: Literal["tanh", "softplus", "silu", "elu"] = "tanh"
     time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
     conditioning: Literal["concatsquash", "concat"] = "concatsquash"  # time gates every layer, or enters once
+    context_embedding: list[int] = field(default_factory=list)  # conditional runs: an MLP embedding the context
 
     def check(self, prefix: str = "model.") -> None:
         if not self.hidden or min(self.hidden) <= 0:
             raise ConfigError(f"invalid config value: {prefix}hidden: widths > 0.")
+        if self.context_embedding and min(self.context_embedding) <= 0:
+            raise ConfigError(f"invalid config value: {prefix}context_embedding: widths > 0.")
         if self.time_features < 0:
             raise ConfigError(f"invalid config value: {prefix}time_features must be >= 0.")
 
 
-def _build(s: MLPSettings, shape: tuple[int, ...]) -> TimeMLP:
-    return TimeMLP(shape[0], s.hidden, s.activation, s.time_features, s.conditioning)
+def _build(s: MLPSettings, shape: tuple[int, ...], context: Context | None = None) -> TimeMLP:
+    dim = context.dim if context is not None else 0
+    return TimeMLP(shape[0], s.hidden, s.activation, s.time_features, s.conditioning, dim, s.context_embedding)
 
 
-register_field(FieldKind("mlp", MLPSettings, _build, data="vectors"))
+register_field(FieldKind("mlp", MLPSettings, _build, data="vectors", context="vector"))

@@ -153,7 +153,7 @@ class PotentialSettings:
             raise ConfigError(f"invalid config value: {prefix}rank must be >= 0.")
 
 
-def _build(s: PotentialSettings, shape: tuple[int, ...]) -> Potential:
+def _build(s: PotentialSettings, shape: tuple[int, ...], context: object = None) -> Potential:
     return Potential(shape[0], s.hidden[0], len(s.hidden), s.rank or None)
 
 

@@ -23,9 +23,10 @@ __all__ = ["FieldKind", "FIELDS", "register_field", "field_kind", "build_field",
 class FieldKind:
     name: str
     settings: type  # a dataclass: this kind's keys with their defaults, and a ``check(prefix)`` method
-    build: Callable[[Any, tuple[int, ...]], nn.Module]  # (settings, per-sample shape) -> the field
+    build: Callable[..., nn.Module]  # (settings, per-sample shape, context: flows.context.Context | None) -> field
     data: str  # "vectors" (D,) or "images" (C, H, W)
     analytic_divergence: bool = False  # supplies its exact divergence itself (no probe, no VJPs)
+    context: str = ""  # what it can be conditioned on: "vector" (a context vector), "labels", or "" (nothing)
 
 
 FIELDS: dict[str, FieldKind] = {}
@@ -59,8 +60,12 @@ _OTHER = {
 }
 
 
-def build_field(settings: Any, shape: int | tuple[int, ...] | list[int]) -> nn.Module:
-    """The field for data of per-sample ``shape``, from a kind's settings (or a mapping with ``name``)."""
+_CONTEXTS = {"vector": "a context vector", "labels": "class labels"}
+
+
+def build_field(settings: Any, shape: int | tuple[int, ...] | list[int], context: Any = None) -> nn.Module:
+    """The field for data of per-sample ``shape``, from a kind's settings (or a mapping with ``name``);
+    conditioned on ``context`` (a :class:`flows.context.Context`) if given."""
     if isinstance(settings, Mapping):
         settings = settings_from(settings)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -69,4 +74,12 @@ def build_field(settings: Any, shape: int | tuple[int, ...] | list[int]) -> nn.M
         raise ConfigError(
             f"model.name={kind.name} takes {_SHAPES[kind.data]}, but the data are {shape}: use {_OTHER[kind.data]}."
         )
-    return kind.build(settings, shape)
+    if context is not None and context.kind != kind.context:
+        takes = f"takes {_CONTEXTS[kind.context]}" if kind.context else "takes no context"
+        raise ConfigError(
+            f"model.name={kind.name} {takes}, but the data come with {_CONTEXTS[context.kind]}"
+            + (": for class labels use images and model.name=unet" if context.kind == "labels" else "")
+            + (": for a context vector use model.name=mlp" if context.kind == "vector" else "")
+            + "."
+        )
+    return kind.build(settings, shape, context) if context is not None else kind.build(settings, shape)

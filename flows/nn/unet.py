@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flows.errors import ConfigError
+from flows.context import Context
+from flows.errors import ConfigError, FlowsError
 from flows.nn.embedding import TimeFeatures, time_rows
 from flows.nn.registry import FieldKind, register_field
 
@@ -75,7 +76,12 @@ class Level(nn.Module):
 
 
 class TimeUNet(nn.Module):
-    """Vector field on images. ``forward(x, t)``: x (B, C, H, W), t (B,) or () → (B, C, H, W)."""
+    """Vector field on images. ``forward(x, t, context=None)``: x (B, C, H, W), t (B,) or () → (B, C, H, W).
+
+    With ``classes`` > 0 the field is class-conditional, v(x, t, y) with labels y (B,) in 0..classes: an
+    embedding of the label (``classes`` is the null label of classifier-free guidance) is added to the
+    time embedding that every residual block reads.
+    """
 
     def __init__(
         self,
@@ -85,12 +91,15 @@ class TimeUNet(nn.Module):
         num_res_blocks: int = 1,
         attention_resolutions: Sequence[int] = (),
         groups: int = 8,
+        classes: int = 0,
     ):
         super().__init__()
         c_img, res = shape[0], shape[1]
         d_time = 4 * channels
         self.time = TimeFeatures(channels)
         self.time_mlp = nn.Sequential(nn.Linear(channels, d_time), nn.SiLU(), nn.Linear(d_time, d_time))
+        self.classes = classes
+        self.label = nn.Embedding(classes + 1, d_time) if classes else None  # row ``classes``: no label
         self.stem = nn.Conv2d(c_img, channels, 3, padding=1)
         widths, skips, c = [channels * m for m in channel_mult], [channels], channels
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -119,8 +128,14 @@ class TimeUNet(nn.Module):
             self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
         self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         temb = self.time_mlp(self.time(time_rows(t, x.shape[0], x.dtype)))  # (1, d) when t is shared
+        if self.label is not None:
+            if context is None:
+                raise FlowsError(f"this field is class-conditional: pass labels in 0..{self.classes - 1}")
+            temb = temb + self.label(context.long()).to(temb.dtype)
+        elif context is not None:
+            raise FlowsError("this field was built without labels: it takes no context")
         h = self.stem(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample, strict=True):
@@ -166,8 +181,9 @@ class UNetSettings:
                 )
 
 
-def _build(s: UNetSettings, shape: tuple[int, ...]) -> TimeUNet:
-    return TimeUNet(shape, s.channels, s.channel_mult, s.num_res_blocks, s.attention_resolutions, s.groups)
+def _build(s: UNetSettings, shape: tuple[int, ...], context: Context | None = None) -> TimeUNet:
+    classes = context.classes if context is not None else 0
+    return TimeUNet(shape, s.channels, s.channel_mult, s.num_res_blocks, s.attention_resolutions, s.groups, classes)
 
 
-register_field(FieldKind("unet", UNetSettings, _build, data="images"))
+register_field(FieldKind("unet", UNetSettings, _build, data="images", context="labels"))

@@ -141,7 +141,10 @@ def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
     opts = {"trace": cfg.eval.trace}
     if data.val is not None:
         val = data.val[: cfg.eval.periodic_size]
-        val_lp = torch.stack([gathered_log_prob(acc, m, val, cfg.eval.batch_size, **opts)[0].cpu() for m in members])
+        val_c = data.val_context[: cfg.eval.periodic_size] if data.val_context is not None else None
+        val_lp = torch.stack(
+            [gathered_log_prob(acc, m, val, cfg.eval.batch_size, context=val_c, **opts)[0].cpu() for m in members]
+        )
         chosen = choose(val_lp)
     else:  # nothing to choose on: every member, equally
         val_lp, chosen = None, list(range(len(members)))
@@ -164,10 +167,11 @@ def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
             config=to_dict(cfg),
             members=[(part(s, "model."), part(s, "ema.")) for s in states[1:]],
             weights=[1 / len(chosen)] * len(chosen) if len(chosen) > 1 else None,
+            context=first.context.to("cpu") if first.context is not None else None,
         )
     acc.wait_for_everyone()
     model = Mixture([members[i] for i in chosen], path=root / MODEL_FILE) if len(chosen) > 1 else members[chosen[0]]
-    lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, **opts)
+    lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, context=data.test_context, **opts)
     result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
     result |= {"members": len(members), "chosen": chosen}

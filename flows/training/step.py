@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from flows.context import Context
 from flows.errors import SolverError
 from flows.preprocess import Preprocess
 from flows.training.ema import EMA
@@ -37,9 +38,11 @@ class OptimizerStep:
         grad_clip: float,
         grad_accum: int,
         agree_every_step: bool,
+        context: Context | None = None,
     ):
         self.acc, self.objective, self.opt, self.sched, self.ema, self.guard = acc, objective, opt, sched, ema, guard
         self.preprocess, self.grad_accum, self.agree_every_step = preprocess, grad_accum, agree_every_step
+        self.context = context  # a conditional run's: raw contexts → the field's input
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.draw = acc.unwrap_model(objective).draw  # the unwrapped module's (DDP does not forward attributes)
         self.params = [p for p in objective.parameters() if p.requires_grad]  # cached: walked every step
@@ -50,13 +53,15 @@ class OptimizerStep:
         self.zero_grad = opt.optimizer.zero_grad if self.plain else opt.zero_grad
         self.work = 1.0  # the work of the last step: 1, or its forward function evaluations (an ODE in the loss)
 
-    def __call__(self, raw: Tensor, full_record: bool = True) -> dict[str, Any] | None:
-        """One step on the raw batch ``raw``; None if skipped, the metrics record if ``full_record``."""
+    def __call__(self, raw: Tensor, full_record: bool = True, context: Tensor | None = None) -> dict[str, Any] | None:
+        """One step on the raw batch ``raw`` (and its raw ``context``, conditional runs); None if skipped, the
+        metrics record if ``full_record``."""
         check = full_record or not self.plain
         if check:  # before the batch's dequantization noise is drawn: a stop saves the RNG state as it was
             self.guard.check_skipped()
         x = self.preprocess(raw)
-        result = self._forward_backward(x, check)
+        c = self.context.model(context) if context is not None else None
+        result = self._forward_backward(x, check, c)
         if isinstance(result, str):
             return self.guard.bad(result)
         loss, stats = result
@@ -79,7 +84,7 @@ class OptimizerStep:
         self.ema.update(keep)
         return self._record(x, loss, stats, grad_norm) if full_record else {}
 
-    def _forward_backward(self, x: Tensor, check: bool) -> tuple[Tensor, dict[str, Any]] | str:
+    def _forward_backward(self, x: Tensor, check: bool, context: Tensor | None) -> tuple[Tensor, dict[str, Any]] | str:
         """Loss and gradients of the local batch, in ``grad_accum`` micro-batches through Accelerate's
         ``accumulate`` (gradients are synchronized over processes once, after the last one). The objective's
         random draws are made for the whole batch and sliced, so K micro-batches of B/K give the gradient of
@@ -87,7 +92,7 @@ class OptimizerStep:
         """
         acc, k = self.acc, self.grad_accum
         acc.step = 0  # Accelerate's micro-batch counter: a step always starts a cycle (after a skip, a resume)
-        draws = self.draw(x)
+        draws = self.draw(x, context) if context is not None else self.draw(x)
         micro = zip(x.chunk(k), *(d.chunk(k) for d in draws.values()), strict=True) if k > 1 else [(x, *draws.values())]
         losses, first, nfe = [], {}, 0.0
         for xm, *dm in micro:

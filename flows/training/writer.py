@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from flows import checkpoint
 from flows.build import export
 from flows.config import Config, to_dict
+from flows.context import Context
 from flows.errors import TrainingAborted
 from flows.flowfile import MODEL_FILE
 from flows.preprocess import Preprocess
@@ -70,17 +71,24 @@ class RunWriter:
         field: nn.Module,
         preprocess: Preprocess,
         shape: tuple[int, ...],
+        context: Context | None = None,
     ) -> None:
         """A training checkpoint (a collective) and the inference file."""
         checkpoint.save_training(self.acc, self.run_dir, step, ema, progress, best, self.cfg.train.keep_checkpoints)
-        self.export(field, ema, preprocess, shape, step)
+        self.export(field, ema, preprocess, shape, step, context)
 
     def export(
-        self, field: nn.Module, ema: nn.Module, preprocess: Preprocess, shape: tuple[int, ...], step: int
+        self,
+        field: nn.Module,
+        ema: nn.Module,
+        preprocess: Preprocess,
+        shape: tuple[int, ...],
+        step: int,
+        context: Context | None = None,
     ) -> None:
         """The slim inference file (main process; every process waits for it)."""
         if self.acc.is_main_process:
-            export(self.run_dir / MODEL_FILE, self.cfg, field, ema, preprocess, shape, step)
+            export(self.run_dir / MODEL_FILE, self.cfg, field, ema, preprocess, shape, step, context)
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ end

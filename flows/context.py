@@ -1,0 +1,155 @@
+"""What a conditional flow is conditioned on: a context vector c (standardized) or a class label y.
+
+A conditional field is ``v(x, t, c)``; the context enters the network the way the time does and is never
+modelled, so no log-determinant of its standardization enters a likelihood. :class:`Context` holds
+what the flow needs to turn a user's context into the field's input:
+
+- ``kind="vector"``: ``dim`` features, standardized with the training rows' ``shift`` and ``scale``;
+- ``kind="labels"``: ``classes`` classes 0..K-1 (the field also knows a null class K, the
+  "no label" of classifier-free guidance), and ``prior`` p(y), the training labels' frequencies, which
+  the marginal p(x) = Σ_y p(y) p(x | y) uses.
+
+``broadcast`` checks a user's context against the flow and lines it up with the points: one context for
+all rows, or one per row; ``contexts`` splits the argument of ``sample`` into K contexts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flows.errors import FlowsError
+
+__all__ = ["Context", "guided"]
+
+
+@dataclass
+class Context:
+    kind: str  # "vector" or "labels"
+    dim: int = 0  # vector: number of context features
+    classes: int = 0  # labels: number of classes
+    shift: Tensor | None = None  # vector: (dim,) standardization on the training rows
+    scale: Tensor | None = None
+    prior: Tensor | None = None  # labels: (classes,) p(y)
+    dropout: float = 0.0  # labels: the share of training labels replaced by the null label (guidance needs > 0)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vector", "labels"):
+            raise FlowsError(f"context kind must be 'vector' or 'labels' (got {self.kind!r})")
+        if self.kind == "vector":
+            self.shift = self.shift if self.shift is not None else torch.zeros(self.dim, device="cpu")
+            self.scale = self.scale if self.scale is not None else torch.ones(self.dim, device="cpu")
+        else:
+            prior = self.prior if self.prior is not None else torch.ones(self.classes, device="cpu")
+            self.prior = prior.double() / prior.double().sum()
+
+    @property
+    def size(self) -> int:
+        """What the field is built for: the context width, or the number of classes."""
+        return self.dim if self.kind == "vector" else self.classes
+
+    @property
+    def null(self) -> int:
+        """The null label (classifier-free guidance): index ``classes``."""
+        return self.classes
+
+    def describe(self) -> str:
+        if self.kind == "vector":
+            return f"a context vector of {self.dim} features"
+        return f"a label in 0..{self.classes - 1}"
+
+    # ------------------------------------------------------------------ user context → field input
+    def model(self, c: Tensor) -> Tensor:
+        """Raw context rows → what the field takes: standardized floats (B, dim), or labels (B,) int64."""
+        if self.kind == "labels":
+            return c.long()
+        return (c - self.shift.to(c.device, c.dtype)) / self.scale.to(c.device, c.dtype)
+
+    def check(self, c: Any, device: torch.device, what: str) -> Tensor:
+        """``c`` as a tensor of rows: (K, dim) floats or (K,) labels; a clear error for anything else."""
+        c = torch.as_tensor(c, device=device)
+        if self.kind == "labels":
+            if c.is_floating_point() and not torch.equal(c, c.round()):
+                raise FlowsError(f"{what}: labels must be integers in 0..{self.classes - 1}, got {c.flatten()[:8]}")
+            c = c.long().reshape(-1)
+            bad = (c < 0) | (c >= self.classes)
+            if bad.any():
+                raise FlowsError(
+                    f"{what}: label {int(c[bad][0])} is outside the {self.classes} classes (0..{self.classes - 1})"
+                )
+            return c
+        c = c.to(device, torch.get_default_dtype() if not c.is_floating_point() else c.dtype)
+        given = tuple(c.shape)
+        if c.ndim == 1:
+            c = c[None]
+        if c.ndim != 2 or c.shape[1] != self.dim:
+            raise FlowsError(
+                f"{what}: the model was trained with a context of {self.dim} features; expected shape ({self.dim},) "
+                f"or (K, {self.dim}), got {given}"
+            )
+        if not torch.isfinite(c).all():
+            raise FlowsError(f"{what}: the context has NaN or Inf values")
+        return c
+
+    def broadcast(self, c: Any, n: int, device: torch.device, what: str) -> Tensor:
+        """A context for each of ``n`` points: one context for all, or exactly one per point."""
+        c = self.check(c, device, what)
+        if len(c) == 1:
+            return c.expand(n, *c.shape[1:])
+        if len(c) != n:
+            raise FlowsError(f"{what}: {len(c)} contexts for {n} points; give one context, or one per point")
+        return c
+
+    # ------------------------------------------------------------------ the inference file
+    def tensors(self) -> dict[str, Tensor]:
+        if self.kind == "vector":
+            return {"context.shift": self.shift.float().contiguous(), "context.scale": self.scale.float().contiguous()}
+        return {"context.prior": self.prior.double().contiguous()}
+
+    def metadata(self) -> str:
+        return json.dumps({"kind": self.kind, "dim": self.dim, "classes": self.classes, "dropout": self.dropout})
+
+    @classmethod
+    def from_file(cls, metadata: str, tensors: dict[str, Tensor]) -> Context:
+        meta = json.loads(metadata)
+        return cls(
+            meta["kind"],
+            int(meta["dim"]),
+            int(meta["classes"]),
+            tensors.get("context.shift"),
+            tensors.get("context.scale"),
+            tensors.get("context.prior"),
+            float(meta.get("dropout", 0.0)),
+        )
+
+    def to(self, device: torch.device | str) -> Context:
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(device) if t is not None else None
+
+        return Context(
+            self.kind, self.dim, self.classes, move(self.shift), move(self.scale), move(self.prior), self.dropout
+        )
+
+
+class guided(torch.nn.Module):  # noqa: N801 (used like a function: guided(field, w, null))
+    """Classifier-free guidance: ``(1 + w) v(x, t, y) − w v(x, t, ∅)`` (w = 0: the conditional field).
+
+    Both fields are evaluated in one batch of 2B. For sampling only: the guided field is not the flow
+    of any density the model defines.
+    """
+
+    def __init__(self, field: torch.nn.Module, weight: float, null: int):
+        super().__init__()
+        self.field, self.weight, self.null = field, float(weight), null
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        b = x.shape[0]
+        shared = t.ndim == 0 or t.numel() == 1 or t.stride(0) == 0  # one time for the batch (the solver's)
+        t2 = t.reshape(-1)[:1].expand(2 * b) if shared else torch.cat([t, t])
+        both = self.field(torch.cat([x, x]), t2, torch.cat([context, torch.full_like(context, self.null)]))
+        cond, uncond = both[:b], both[b:]
+        return cond + self.weight * (cond - uncond)
