@@ -191,7 +191,7 @@ def _split(values: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Ten
 
 def load_array(path: str | Path | None, ndim: int | None = 2, key: str | None = None) -> Tensor:
     """Load an (N, D) float array (or (N, ...) with ``ndim=None``) from .npy or .npz (the array ``key``, default
-    the first), refusing NaN/Inf rows."""
+    the first), refusing NaN/Inf rows. A 1-D array (N,) is one column, (N, 1)."""
     if path is None:
         raise DataError("no data file given: set data.path=FILE.npy")
     path = Path(path)
@@ -211,6 +211,8 @@ def load_array(path: str | Path | None, ndim: int | None = 2, key: str | None = 
             array = loaded
     except (ValueError, OSError) as e:
         raise DataError(f"cannot read data file '{path}': {e}") from None
+    if array.ndim == 1 and ndim in (2, None):  # one column (a 1-D parameter or context): (N,) -> (N, 1)
+        array = array[:, None]
     if (ndim is not None and array.ndim != ndim) or array.ndim < 2 or 0 in array.shape:
         want = "a non-empty 2D array (N, D)" if ndim == 2 else "a non-empty array (N, ...)"
         raise DataError(f"data file '{path}' must hold {want}, got {array.shape}.")
