@@ -30,7 +30,7 @@ def make_data(cfg: Config) -> Data:
 
 def make_context(cfg: Config, data: Data) -> Context | None:
     """What the run's flow is conditioned on (None: unconditional), from the training rows."""
-    return data.conditioning(cfg.objective.label_dropout)
+    return data.conditioning(cfg.objective.label_dropout, cfg.data.context_regression)
 
 
 def make_field(cfg: Config, shape: tuple[int, ...], context: Context | None = None) -> nn.Module:

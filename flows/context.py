@@ -10,7 +10,13 @@ what the flow needs to turn a user's context into the field's input:
   the marginal p(x) = Σ_y p(y) p(x | y) uses.
 
 ``broadcast`` checks a user's context against the flow and lines it up with the points: one context for
-all rows, or one per row; ``contexts`` splits the argument of ``sample`` into K contexts.
+all rows, or one per row.
+
+A context vector can also carry an affine **conditional standardization** fitted on the training rows: the
+linear regression of the (model-space) data on the standardized context, x ≈ μ + B c, and the Cholesky
+factor L of the residuals' covariance. The flow then models z = L⁻¹(x − μ − B c), an exact affine map
+with the constant log-det −Σ log Lᵢᵢ: a posterior that is close to a linear-Gaussian one is close to
+N(0, I) before training starts (and a linear-Gaussian one is exact), and any other is only re-scaled.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class Context:
     scale: Tensor | None = None
     prior: Tensor | None = None  # labels: (classes,) p(y)
     dropout: float = 0.0  # labels: the share of training labels replaced by the null label (guidance needs > 0)
+    offset: Tensor | None = None  # vector: (D,) μ of the conditional standardization (None: none)
+    weights: Tensor | None = None  # (D, dim) B
+    chol: Tensor | None = None  # (D, D) lower-triangular L
 
     def __post_init__(self) -> None:
         if self.kind not in ("vector", "labels"):
@@ -104,10 +113,49 @@ class Context:
             raise FlowsError(f"{what}: {len(c)} contexts for {n} points; give one context, or one per point")
         return c
 
+    # ------------------------------------------------------------------ conditional standardization
+    @property
+    def affine(self) -> bool:
+        return self.chol is not None
+
+    def fit_affine(self, x: Tensor, c: Tensor, ridge: float = 1e-3) -> Context:
+        """Fit μ, B and L on model-space rows x (N, D) and their standardized contexts c (N, dim) (float64 least
+        squares with a ``ridge`` relative to N, and a floor on the residual variance); returns self."""
+        x, c = x.double(), c.double()
+        n, d = x.shape
+        design = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), c], 1)
+        gram = design.T @ design + ridge * n * torch.eye(design.shape[1], dtype=torch.float64, device=x.device)
+        gram[0, 0] -= ridge * n  # the intercept is not shrunk
+        coef = torch.linalg.solve(gram, design.T @ x)  # (1 + dim, D)
+        resid = x - design @ coef
+        cov = resid.T @ resid / max(n - 1, 1) + 1e-6 * torch.eye(d, dtype=torch.float64, device=x.device)
+        self.offset, self.weights, self.chol = coef[0], coef[1:].T.contiguous(), torch.linalg.cholesky(cov)
+        return self
+
+    def whiten(self, x: Tensor, c: Tensor) -> Tensor:
+        """Model-space x (B, D) → L⁻¹(x − μ − B c), with c the field's context input (B, dim); x if no fit."""
+        if not self.affine:
+            return x
+        mean = self.offset.to(x) + c.to(x) @ self.weights.to(x).T
+        return torch.linalg.solve_triangular(self.chol.to(x), (x - mean).T, upper=False).T
+
+    def color(self, z: Tensor, c: Tensor) -> Tensor:
+        """The inverse of :meth:`whiten`: μ + B c + L z."""
+        if not self.affine:
+            return z
+        return self.offset.to(z) + c.to(z) @ self.weights.to(z).T + z @ self.chol.to(z).T
+
+    def whiten_log_det(self) -> float:
+        """log|det ∂ whiten(x)/∂x| = −Σ log Lᵢᵢ (0 without a fit)."""
+        return -float(self.chol.diagonal().log().sum()) if self.affine else 0.0
+
     # ------------------------------------------------------------------ the inference file
     def tensors(self) -> dict[str, Tensor]:
         if self.kind == "vector":
-            return {"context.shift": self.shift.float().contiguous(), "context.scale": self.scale.float().contiguous()}
+            out = {"context.shift": self.shift.float().contiguous(), "context.scale": self.scale.float().contiguous()}
+            if self.affine:
+                out |= {"context.offset": self.offset, "context.weights": self.weights, "context.chol": self.chol}
+            return {k: v.contiguous() for k, v in out.items()}
         return {"context.prior": self.prior.double().contiguous()}
 
     def metadata(self) -> str:
@@ -124,6 +172,9 @@ class Context:
             tensors.get("context.scale"),
             tensors.get("context.prior"),
             float(meta.get("dropout", 0.0)),
+            tensors.get("context.offset"),
+            tensors.get("context.weights"),
+            tensors.get("context.chol"),
         )
 
     def to(self, device: torch.device | str) -> Context:
@@ -131,7 +182,16 @@ class Context:
             return t.to(device) if t is not None else None
 
         return Context(
-            self.kind, self.dim, self.classes, move(self.shift), move(self.scale), move(self.prior), self.dropout
+            self.kind,
+            self.dim,
+            self.classes,
+            move(self.shift),
+            move(self.scale),
+            move(self.prior),
+            self.dropout,
+            move(self.offset),
+            move(self.weights),
+            move(self.chol),
         )
 
 

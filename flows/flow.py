@@ -249,7 +249,8 @@ class Flow:
         c = self.context.model(context) if context is not None else None
         field = self._guided_field(guidance)
         res = sample(field, n, self.shape, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
-        return self._to_data(res.x), {**self._info(res), "noise": res.z}
+        x = self.context.color(res.x, c) if c is not None else res.x
+        return self._to_data(x), {**self._info(res), "noise": res.z}
 
     @torch.no_grad()
     def decode(
@@ -268,7 +269,8 @@ class Flow:
         z = self._as_data(z, "decode")
         c = self._model_context(context, len(z), "decode")
         res = decode(self.field, z, chunk=chunk, context=c, **solver)
-        return self._result(self._to_data(res.x), self._info(res), solver, start, return_info)
+        x = self.context.color(res.x, c) if c is not None else res.x
+        return self._result(self._to_data(x), self._info(res), solver, start, return_info)
 
     @torch.no_grad()
     def encode(
@@ -290,6 +292,7 @@ class Flow:
         start = time.perf_counter()
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
         c = self._model_context(context, len(model_x), "encode")
+        model_x = self.context.whiten(model_x, c) if c is not None else model_x
         res = encode(self.field, model_x, chunk=chunk, progress=progress, context=c, **solver)
         return self._result(res.x, self._info(res), solver, start, return_info)
 
@@ -374,11 +377,12 @@ class Flow:
         reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
         noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
         x = pre(reps, noise=noise)
-        c = None
-        if context is not None:
+        c, z, log_det = None, x, pre.log_det(x)
+        if context is not None:  # the conditional standardization, if any: an affine map with a constant log-det
             c = self.context.model(context).repeat(deq * probes, *([1] * (context.ndim - 1)))
-        res = log_prob(self.field, x, trace=opts["trace"], generator=generator, context=c, **opts["solver"])
-        lp = (res.log_prob.double() + pre.log_det(x)).reshape(deq, probes, b)
+            z, log_det = self.context.whiten(x, c), log_det + self.context.whiten_log_det()
+        res = log_prob(self.field, z, trace=opts["trace"], generator=generator, context=c, **opts["solver"])
+        lp = (res.log_prob.double() + log_det).reshape(deq, probes, b)
         var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
         lp = lp.mean(1)  # unbiased over probes
         lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations

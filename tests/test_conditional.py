@@ -395,3 +395,27 @@ def test_label_conditional_digits_train_sample_and_evaluate(tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "outside the 10 classes" in bad.stderr
+
+
+def test_the_conditional_standardization_is_an_exact_affine_map():
+    gen = torch.Generator().manual_seed(0)
+    n, a = 20_000, torch.tensor([[1.0, -0.5, 0.0], [0.3, 0.0, 2.0]], dtype=torch.float64)
+    chol = torch.tensor([[0.5, 0.0], [0.2, 0.1]], dtype=torch.float64)
+    c = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    x = 1.0 + c @ a.T + torch.randn(n, 2, generator=gen, dtype=torch.float64) @ chol.T
+    ctx = Context("vector", 3).fit_affine(x, c)
+    torch.testing.assert_close(ctx.weights, a, atol=0.02, rtol=0)  # the regression finds A
+    z = ctx.whiten(x, c)
+    torch.testing.assert_close(z.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(2, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(ctx.color(z, c), x)
+
+    class Zero(nn.Module):
+        def forward(self, x, t, context):
+            return torch.zeros_like(x)
+
+    flow = Flow(Zero(), unit(2), (2,), context=ctx)
+    expected = torch.distributions.MultivariateNormal(ctx.offset + c[:50] @ ctx.weights.T, scale_tril=ctx.chol)
+    torch.testing.assert_close(flow.log_prob(x[:50], context=c[:50], steps=2), expected.log_prob(x[:50]))
+    samples = flow.sample(20_000, context=c[0], steps=2)
+    torch.testing.assert_close(samples.mean(0), expected.mean[0], atol=0.02, rtol=0)

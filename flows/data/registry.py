@@ -46,6 +46,7 @@ class DataConfig:
     context_key: str | None = None  # tabular .npz: the array of contexts, one row per row of data.key: p(x | c)
     context_columns: list[int] = field(default_factory=list)  # tabular: these columns are the context, not modelled
     bounds: list[list[float] | None] | None = None  # tabular: [lo, hi] per modelled column (null: unbounded)
+    context_regression: bool = True  # tabular with a context: model the residual of a linear regression on it
     seed: int = 0
     test_seed: int = 1
 
@@ -100,9 +101,10 @@ class Data:
     test_context: Tensor | None = None
     classes: int = 0  # labels: the number of classes
 
-    def conditioning(self, label_dropout: float = 0.0) -> Context | None:
+    def conditioning(self, label_dropout: float = 0.0, regression: bool = True) -> Context | None:
         """What a flow of these data is conditioned on (None: nothing): labels with their frequencies, or a
-        context vector standardized on the training rows (a constant column keeps scale 1)."""
+        context vector standardized on the training rows (a constant column keeps scale 1), with the conditional
+        standardization of the modelled columns fitted on the training rows when ``regression``."""
         c = self.train_context
         if c is None:
             return None
@@ -110,7 +112,11 @@ class Data:
             prior = torch.bincount(c.long(), minlength=self.classes).double()
             return Context("labels", classes=self.classes, prior=prior, dropout=label_dropout)
         std = c.std(0) if len(c) > 1 else torch.ones(c.shape[1], device="cpu")
-        return Context("vector", dim=c.shape[1], shift=c.mean(0), scale=torch.where(std > 0, std, torch.ones_like(std)))
+        scale = torch.where(std > 0, std, torch.ones_like(std))
+        context = Context("vector", dim=c.shape[1], shift=c.mean(0), scale=scale)
+        if regression and len(c) > 1:
+            context.fit_affine(self.preprocess(self.train), context.model(c))
+        return context
 
     @property
     def shape(self) -> tuple[int, ...]:

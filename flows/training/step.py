@@ -61,7 +61,8 @@ class OptimizerStep:
             self.guard.check_skipped()
         x = self.preprocess(raw)
         c = self.context.model(context) if context is not None else None
-        result = self._forward_backward(x, check, c)
+        z = self.context.whiten(x, c) if c is not None else x  # a conditional standardization, if any
+        result = self._forward_backward(z, check, c)
         if isinstance(result, str):
             return self.guard.bad(result)
         loss, stats = result
@@ -118,13 +119,18 @@ class OptimizerStep:
         self.work = nfe or 1.0
         return (losses[0] if k == 1 else torch.stack(losses).mean()), first
 
+    def _log_det(self, x: Tensor) -> float:
+        """The mean log-det from data units to what the field models (preprocessing, conditional standardization)."""
+        extra = self.context.whiten_log_det() if self.context is not None else 0.0
+        return self.preprocess.log_det(x).mean().item() + extra
+
     def _record(self, x: Tensor, loss: Tensor, stats: dict[str, Any], grad_norm: Tensor) -> dict[str, Any]:
         """The metrics of a logging step, averaged over processes (one collective)."""
         nfe = stats.get("nfe")
         values = torch.tensor(
             [
                 loss.item(),
-                stats["nll"].item() - self.preprocess.log_det(x).mean().item() if "nll" in stats else torch.nan,
+                stats["nll"].item() - self._log_det(x) if "nll" in stats else torch.nan,
                 stats.get("kinetic", torch.nan),
                 stats.get("jacobian", torch.nan),
                 stats.get("hjb", torch.nan),
