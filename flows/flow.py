@@ -158,7 +158,9 @@ class Flow:
             raise FlowsError(f"{what}: this flow is conditional on {self.context.describe()}: pass context=")
         return self.context.broadcast(context, n, self.device, what)
 
-    def _guided_field(self, guidance: float) -> nn.Module:
+    def guided_field(self, guidance: float) -> nn.Module:
+        """The field that :meth:`sample` solves at classifier-free guidance ``guidance`` (0: the field itself);
+        a clear error when this flow cannot be guided."""
         if guidance == 0:
             return self.field
         ctx = self.context
@@ -213,7 +215,7 @@ class Flow:
         if n <= 0 or chunk <= 0:
             raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
         solver = self.solve_options(**solve)
-        self._guided_field(guidance)  # a flow that cannot be guided: the error before any work
+        self.guided_field(guidance)  # a flow that cannot be guided: the error before any work
         start = time.perf_counter()
         ctx, k, rows = self.context, 1, None
         if ctx is None:
@@ -247,7 +249,7 @@ class Flow:
         """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``); ``context``: one
         row per sample in data units; ``guidance``: the classifier-free guidance weight."""
         c = self.context.model(context) if context is not None else None
-        field = self._guided_field(guidance)
+        field = self.guided_field(guidance)
         res = sample(field, n, self.shape, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
         x = self.context.color(res.x, c) if c is not None else res.x
         return self._to_data(x), {**self._info(res), "noise": res.z}

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
         model.solve_options(**solve)  # bad values: an error before any work
         args.given = context_of(args, model)  # bad labels or contexts: an error before any work
-        model._guided_field(args.guidance)
+        model.guided_field(args.guidance)
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         x, start, info = (encode_share if args.encode else sample_share)(args, model, acc, solve)
         straightness_sum = info["straightness"] * len(x)  # this process's mean, weighted to combine them
