@@ -90,6 +90,12 @@ class Flow:
         return param.device if param is not None else torch.device("cpu")
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The field's floating-point type: points are converted to it."""
+        param = next(iter(self.field.parameters()), None)
+        return param.dtype if param is not None else torch.get_default_dtype()
+
+    @property
     def levels(self) -> int | None:
         """Number of discrete values per dimension (discrete data), else None."""
         return self.preprocess.levels
@@ -136,7 +142,9 @@ class Flow:
         if tuple(x.shape[1:]) != self.shape or x.ndim != len(self.shape) + 1:
             expected = ", ".join(map(str, self.shape))
             raise FlowsError(f"{what}: expected a batch of shape (N, {expected}), got {tuple(x.shape)}")
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        # numpy's float64 meets a float32 field as float32; a field without weights keeps the input's precision
+        has_weights = next(iter(self.field.parameters()), None) is not None
+        dtype = self.dtype if has_weights or not x.is_floating_point() else x.dtype
         return x.to(self.device, dtype)
 
     def _to_data(self, x: Tensor) -> Tensor:

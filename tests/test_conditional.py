@@ -280,6 +280,12 @@ def test_a_context_run_trains_loads_and_samples_inside_its_bounds(sims_run):
     s = model.sample(300, context=np.array([0.5, -0.5, 0.0], dtype=np.float32), steps=4)
     assert s.shape == (300, 2) and (s.abs() < 1).all()
     assert model.sample(5, context=torch.zeros(4, 3), steps=4).shape == (4, 5, 2)
+    # numpy's float64 arrays meet the float32 field: converted, with the same result
+    theta, x = np.array([[0.1, 0.2]]), np.array([0.5, -0.5, 0.0])
+    torch.testing.assert_close(
+        model.log_prob(theta, context=x, steps=4),
+        model.log_prob(torch.tensor(theta, dtype=torch.float32), context=torch.tensor(x, dtype=torch.float32), steps=4),
+    )
 
 
 def test_evaluate_cli_with_a_context_equals_log_prob(sims_run, tmp_path):
