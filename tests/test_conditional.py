@@ -425,3 +425,17 @@ def test_the_conditional_standardization_is_an_exact_affine_map():
     torch.testing.assert_close(flow.log_prob(x[:50], context=c[:50], steps=2), expected.log_prob(x[:50]))
     samples = flow.sample(20_000, context=c[0], steps=2)
     torch.testing.assert_close(samples.mean(0), expected.mean[0], atol=0.02, rtol=0)
+
+
+def test_the_trainers_evaluations_repeat_on_image_runs(tmp_path):
+    """Hutchinson probes and dequantization noise are seeded: two evaluations of the same weights agree."""
+    from flows.training import Trainer
+
+    overrides = [f"run_dir={tmp_path / 'd'}", "eval.periodic_size=16", "eval.solver.method=rk4"]
+    overrides += ["eval.solver.step_size=0.5", "model.channels=8", "model.attention_resolutions=[]"]
+    trainer = Trainer(load_config("configs/digits_cond.yaml", overrides))
+    try:
+        first, second = trainer.evaluate("periodic"), trainer.evaluate("periodic")
+    finally:
+        trainer.accelerator.end_training()
+    assert first["trace"] == "hutchinson" and first["nll"] == second["nll"]

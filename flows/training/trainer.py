@@ -157,12 +157,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
-        """Held-out NLL of the EMA weights (data units), split over processes: ``Flow.log_prob``'s path."""
+        """Held-out NLL of the EMA weights (data units), split over processes: ``Flow.log_prob``'s path. Hutchinson
+        probes and dequantization noise are seeded (``train.seed``, the process), the same at every evaluation."""
         cfg, data, flow = self.cfg, self.data, self.flow
         flow.step = self.progress.step
         points, context = self.eval_points[which]
+        # the same probes and dequantization noise at every evaluation: the weights are compared on equal terms
+        acc = self.accelerator
+        generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 1_000_003 * acc.process_index)
         lp, var, info = gathered_log_prob(
-            self.accelerator, flow, points, cfg.eval.batch_size, context=context, trace=cfg.eval.trace
+            acc, flow, points, cfg.eval.batch_size, generator, context=context, trace=cfg.eval.trace
         )
         result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
         solver = info["solver"]
