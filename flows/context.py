@@ -57,11 +57,6 @@ class Context:
             self.prior = prior.double() / prior.double().sum()
 
     @property
-    def size(self) -> int:
-        """What the field is built for: the context width, or the number of classes."""
-        return self.dim if self.kind == "vector" else self.classes
-
-    @property
     def null(self) -> int:
         """The null label (classifier-free guidance): index ``classes``."""
         return self.classes

@@ -90,12 +90,6 @@ class Flow:
         return param.device if param is not None else torch.device("cpu")
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The field's floating-point type: points are converted to it."""
-        param = next(iter(self.field.parameters()), None)
-        return param.dtype if param is not None else torch.get_default_dtype()
-
-    @property
     def levels(self) -> int | None:
         """Number of discrete values per dimension (discrete data), else None."""
         return self.preprocess.levels
@@ -142,9 +136,10 @@ class Flow:
         if tuple(x.shape[1:]) != self.shape or x.ndim != len(self.shape) + 1:
             expected = ", ".join(map(str, self.shape))
             raise FlowsError(f"{what}: expected a batch of shape (N, {expected}), got {tuple(x.shape)}")
-        # numpy's float64 meets a float32 field as float32; a field without weights keeps the input's precision
-        has_weights = next(iter(self.field.parameters()), None) is not None
-        dtype = self.dtype if has_weights or not x.is_floating_point() else x.dtype
+        # the field's precision (numpy's float64 meets a float32 field as float32); a field without weights keeps
+        # the input's
+        param = next(iter(self.field.parameters()), None)
+        dtype = param.dtype if param is not None else x.dtype if x.is_floating_point() else torch.get_default_dtype()
         return x.to(self.device, dtype)
 
     def _to_data(self, x: Tensor) -> Tensor:
@@ -226,13 +221,10 @@ class Flow:
         self.guided_field(guidance)  # a flow that cannot be guided: the error before any work
         start = time.perf_counter()
         ctx, k, rows = self.context, 1, None
-        if ctx is None:
-            self._rows(context, n, "sample")  # an unconditional flow refuses a context
-        elif context is None:
-            if ctx.kind != "labels":
-                raise FlowsError(f"sample: this flow is conditional on {ctx.describe()}: pass context=")
-            prior = ctx.prior.to(self.device).float()  # labels drawn from p(y)
-            rows = torch.multinomial(prior, n, replacement=True, generator=generator)
+        if ctx is not None and context is None and ctx.kind == "labels":  # labels drawn from p(y)
+            rows = torch.multinomial(ctx.prior.to(self.device).float(), n, replacement=True, generator=generator)
+        elif ctx is None or context is None:
+            self._rows(context, n, "sample")  # refuses a context given to an unconditional flow, or one missing
         else:
             given = ctx.check(context, self.device, "sample")
             k, rows = len(given), given.repeat_interleave(n, 0)

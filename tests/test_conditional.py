@@ -46,6 +46,11 @@ def randomized(module: nn.Module) -> nn.Module:
     return module
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """A script of the checkout (``evaluate.py``, ``sample.py``) run as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def unit(dim: int) -> Preprocess:
     return Preprocess(torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64))
 
@@ -295,33 +300,15 @@ def test_evaluate_cli_with_a_context_equals_log_prob(sims_run, tmp_path):
     np.save(tmp_path / "theta.npy", theta)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "eval.json"
-    cmd = [
-        sys.executable,
-        "evaluate.py",
-        str(run.path),
-        "--data",
-        str(tmp_path / "theta.npy"),
-        "--context",
-        str(tmp_path / "x.npy"),
-        "--json",
-        str(out),
-        "--per-point",
-        str(tmp_path / "lp.npy"),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = ["evaluate.py", str(run.path), "--data", str(tmp_path / "theta.npy"), "--context", str(tmp_path / "x.npy")]
+    proc = cli(*cmd, "--json", str(out), "--per-point", str(tmp_path / "lp.npy"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lp = model.log_prob(torch.as_tensor(theta), context=torch.as_tensor(x), batch_size=1000)
     assert np.array_equal(np.load(tmp_path / "lp.npy"), lp.numpy())  # to the last digit
     assert json.loads(out.read_text())["density"] == "p(x | c)"
-    missing = subprocess.run(cmd[:5], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    missing = cli(*cmd[:4])
     assert missing.returncode != 0 and "pass --context" in missing.stderr
-    bad = subprocess.run(
-        [sys.executable, "sample.py", str(run.path), "-n", "4", "--label", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = cli("sample.py", str(run.path), "-n", "4", "--label", "1")
     assert bad.returncode != 0 and "not --label" in bad.stderr
 
 
@@ -369,37 +356,12 @@ def test_label_conditional_digits_train_sample_and_evaluate(tmp_path):
     assert math.isclose(float(model.context.prior.sum()), 1.0)
     grid = model.sample(2, context=torch.arange(10), guidance=2.0, steps=2)
     assert grid.shape == (10, 2, 1, 8, 8)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            str(run.path),
-            "--label",
-            "all",
-            "-n",
-            "2",
-            "--guidance",
-            "1",
-            "--steps",
-            "2",
-            "--out",
-            str(tmp_path / "s"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = str(tmp_path / "s")
+    proc = cli("sample.py", str(run.path), "--label", "all", "-n", "2", "--guidance", "1", "--steps", "2", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (10, 2, 1, 8, 8)
     assert (tmp_path / "s" / "samples_grid.png").is_file()
-    bad = subprocess.run(
-        [sys.executable, "sample.py", str(run.path), "--label", "12", "--steps", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = cli("sample.py", str(run.path), "--label", "12", "--steps", "2")
     assert bad.returncode != 0 and "outside the 10 classes" in bad.stderr
 
 

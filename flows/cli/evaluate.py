@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         raw, source, context = points(args, model)
         gen = torch.Generator(acc.device).manual_seed(args.seed + acc.process_index)
         options = dict(trace=args.trace, probes=args.probes, deq_samples=args.deq_samples)
-        condition = "marginal" if model.context is not None and context is None else None
+        marginal = model.context is not None and context is None  # a label-conditional run without labels
         options |= dict(method=args.method, atol=args.atol, rtol=args.rtol)
         # the same code path as model.log_prob(raw, generator=..., batch_size=...), split over processes
         lp, var, info = gathered_log_prob(
@@ -104,12 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             "solver": info["solver"],
         }
         if model.context is not None:  # what the density is of
-            result["density"] = "p(x) = Σ_y p(y) p(x | y)" if condition else "p(x | c)"
+            result["density"] = "p(x) = Σ_y p(y) p(x | y)" if marginal else "p(x | c)"
         if args.check and acc.is_main_process:
             gen = torch.Generator("cpu").manual_seed(args.seed)
             pick = torch.randperm(len(raw), generator=gen, device="cpu")[: args.check]
-            picked = {"context": context[pick].to(acc.device)} if context is not None and len(context) > 1 else {}
-            picked = {"context": context} if context is not None and len(context) == 1 else picked
+            picked = {"context": context[pick].to(acc.device)} if context is not None else {}  # one per point
             check = tolerance_check(model, raw[pick].to(acc.device), 100.0, args.seed, **options, **picked)
             check["warning"] = bool(check["max_abs_change"] > result["nll_se"])
             result["tolerance_check"] = check

@@ -61,7 +61,7 @@ class Batches:
             if self.context is None:
                 yield rows
             else:
-                yield rows, self.context[index.to(self.context.device)].to(self.device, non_blocking=True)
+                yield rows, self.context[index].to(self.device, non_blocking=True)  # on the data's device, as index
 
     def from_step(self, step: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """All batches from global step ``step`` on, across epochs, forever."""

@@ -82,4 +82,4 @@ def build_field(settings: Any, shape: int | tuple[int, ...] | list[int], context
             + (": for a context vector use model.name=mlp" if context.kind == "vector" else "")
             + "."
         )
-    return kind.build(settings, shape, context) if context is not None else kind.build(settings, shape)
+    return kind.build(settings, shape, context)

@@ -93,7 +93,7 @@ class OptimizerStep:
         """
         acc, k = self.acc, self.grad_accum
         acc.step = 0  # Accelerate's micro-batch counter: a step always starts a cycle (after a skip, a resume)
-        draws = self.draw(x, context) if context is not None else self.draw(x)
+        draws = self.draw(x, context)
         micro = zip(x.chunk(k), *(d.chunk(k) for d in draws.values()), strict=True) if k > 1 else [(x, *draws.values())]
         losses, first, nfe = [], {}, 0.0
         for xm, *dm in micro:
