@@ -110,8 +110,4 @@ def train(
     from flows.training import Trainer  # the trainer (Accelerate, the objectives) loads only to train
 
     trainer = Trainer(cfg, resume)
-    try:
-        result = trainer.run()
-    finally:
-        trainer.accelerator.end_training()
-    return Run(Path(cfg.run_dir), cfg, result)
+    return Run(Path(cfg.run_dir), cfg, trainer.run_and_end())

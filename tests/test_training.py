@@ -104,13 +104,14 @@ import sys, torch
 from safetensors.torch import save_file
 from flows.config import load_config
 from flows.training import Trainer
+from flows.training.accelerator import end
 torch.set_num_threads(1)
 trainer = Trainer(load_config(None, sys.argv[2:]))
 trainer.run()
 rank = trainer.accelerator.process_index
 state = {k: v.contiguous() for k, v in trainer.field.state_dict().items()}
 save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors")
-trainer.accelerator.end_training()
+end(trainer.accelerator)
 """
 
 

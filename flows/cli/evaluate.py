@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         if acc.is_main_process:
             report(result)
             write(args, model.path.parent, result, lp)
+        acc.wait_for_everyone()  # the main process wrote its files: end the processes together
         acc.end_training()
 
     run_cli(go)

@@ -9,7 +9,7 @@ from accelerate.utils import ProjectConfiguration
 from flows.config import Config
 from flows.tracking import check_installed, tracker_names
 
-__all__ = ["new_accelerator"]
+__all__ = ["new_accelerator", "end"]
 
 
 def new_accelerator(cfg: Config) -> Accelerator:
@@ -26,3 +26,12 @@ def new_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum,
         project_config=ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=f"{cfg.run_dir}/logs"),
     )
+
+
+def end(acc: Accelerator) -> None:
+    """End a run's processes together: every process waits for the others, then trackers stop and the process
+    group is destroyed. A process that destroyed its group and exited while another was still writing its files
+    closed the connections under that one, which then aborted at exit (gloo: ``terminate called without an
+    active exception``, in 2 of 5 clean CI runs of the two-process test)."""
+    acc.wait_for_everyone()
+    acc.end_training()

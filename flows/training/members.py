@@ -34,7 +34,7 @@ from flows.evaluation import describe, gathered_log_prob, summarize
 from flows.flowfile import MODEL_FILE, read, write
 from flows.mixture import Mixture
 from flows.report import final_pictures
-from flows.training.accelerator import new_accelerator
+from flows.training.accelerator import end, new_accelerator
 from flows.training.trainer import Trainer
 
 __all__ = ["train_members", "choose", "MIN_SHARE"]
@@ -56,11 +56,7 @@ def _member_config(cfg: Config, k: int, left: float | None) -> Config:
 
 
 def _train_one(cfg: Config, resume: bool) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume)
-    try:
-        return trainer.run()
-    finally:
-        trainer.accelerator.end_training()
+    return Trainer(cfg, resume).run_and_end()
 
 
 def choose(val_lp: torch.Tensor, tolerance: float = 3.0) -> list[int]:
@@ -186,5 +182,5 @@ def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
         if cfg.eval.plot:
             final_pictures(model, data.test, root, data.name)
     acc.wait_for_everyone()
-    acc.end_training()
+    end(acc)
     return result

@@ -32,7 +32,7 @@ from flows.evaluation import describe, gathered_log_prob, summarize
 from flows.objectives import objective_kind
 from flows.report import final_pictures
 from flows.tracking import hyperparameters, log_images, tracker_names
-from flows.training.accelerator import new_accelerator
+from flows.training.accelerator import end, new_accelerator
 from flows.training.ema import EMA
 from flows.training.guard import StepGuard
 from flows.training.schedule import EvalSchedule, Plan, Progress, Selection, lr_lambda
@@ -227,6 +227,17 @@ class Trainer:
         return stop
 
     # ----------------------------------------------------------------- the loop
+    def run_and_end(self) -> dict[str, Any]:
+        """:meth:`run`, then end the processes together (``flows.training.accelerator.end``); on a failure at once,
+        without waiting for processes that may not come."""
+        try:
+            result = self.run()
+        except BaseException:
+            self.accelerator.end_training()
+            raise
+        end(self.accelerator)
+        return result
+
     def run(self) -> dict[str, Any]:
         acc, tc, progress = self.accelerator, self.cfg.train, self.progress
         bar = tqdm(
