@@ -90,7 +90,8 @@ def train(
         resume: continue the latest checkpoint of ``run_dir``.
         overrides: ``"key.sub=value"`` strings, as on the command line.
         **sections: config sections as mappings, e.g. ``train={"steps": 500}, objective={"name": "fm"}``;
-            every key is checked, as in a YAML file. Precedence: the config ← overrides ← sections ← run_dir.
+            every key is checked, as in a YAML file. Precedence: the config ← its ``devices`` section for the
+            device this run uses (``devices.cuda``, ...) ← overrides ← sections ← run_dir.
 
     Returns:
         The :class:`Run`: its directory, config and final held-out evaluation.
@@ -102,7 +103,10 @@ def train(
     updates: dict[str, Any] = dict(sections)
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
-    cfg = load_config(config, overrides, updates)
+    from flows.training.accelerator import run_device  # Accelerate loads only to train
+
+    device, main = run_device()  # the recipe's devices section for it applies (a notice on the main process)
+    cfg = load_config(config, overrides, updates, device=device, notice=main)
     if cfg.train.members > 1:  # a mixture trained member by member (flows.training.members)
         from flows.training.members import train_members
 

@@ -6,6 +6,9 @@ settings class its kind registered (``flows.nn``), ``objective.name`` likewise (
 and each section checks its own values. A key of another kind (``model.channels`` with
 ``model.name=mlp``) is ignored with a one-line notice unless it holds that kind's default.
 ``load_config(path, overrides)`` is the one entry point; ``flows.build`` turns a config into objects.
+
+A ``devices`` section maps a device type to dotted settings for runs on it (``devices: {cuda: {train.batch_size:
+1024}}``): a run applies the one of its device above the file and below every override, and keeps the result.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +34,7 @@ from flows.ode import SOLVER_METHODS, SolverOptions, check_method, solver_option
 
 __all__ = [
     "DATASETS",
+    "DEVICE_TYPES",
     "SOLVER_METHODS",
     "TRACKERS",
     "check_method",
@@ -39,11 +44,14 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "load_config",
+    "device_notice",
     "from_dict",
     "to_dict",
 ]
 
 # Accelerate's trackers (tests/test_tracking.py checks this list against accelerate.utils.LoggerType)
+# the device types a ``devices`` section may name: what accelerate.PartialState().device.type gives a run
+DEVICE_TYPES = ("cuda", "cpu", "mps", "xpu")
 TRACKERS = ("all", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -55,6 +63,9 @@ class SolverConfig:
     step_size: float | None = None  # fixed-step methods (euler, rk4, midpoint)
     adjoint: bool = True  # adjoint gradients (O(1) memory) or direct backprop
     max_steps: int = 10_000  # adaptive solvers give up (with a clear error) past this
+    # euler, midpoint or rk4 without the adjoint: torch.compile the whole fixed-step solve (true, or a
+    # torch.compile mode such as reduce-overhead)
+    compile: bool | str = False
 
     def options(self) -> SolverOptions:
         """The plain keywords every solve of ``flows.ode`` takes."""
@@ -125,13 +136,13 @@ class TrainConfig:
 class EvalConfig:
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(adjoint=False))
     trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for a vector field with dim <= 64
-    batch_size: int = 2000
+    batch_size: int | None = None  # points per solve; None: chosen by the evaluator from the device's memory
     periodic_size: int = 2000  # held-out points used by the periodic evaluations
     plot: bool = True  # 2D data: samples and density pictures at the end
 
     def check(self, prefix: str = "eval.") -> None:
         self.solver.check(f"{prefix}solver.")
-        _raise_first([(self.batch_size > 0, f"{prefix}batch_size must be > 0")])
+        _raise_first([(self.batch_size is None or self.batch_size > 0, f"{prefix}batch_size must be > 0")])
 
 
 # the typed variants: section -> its registry of kinds (each kind's ``settings`` class)
@@ -147,6 +158,8 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # device type -> {dotted key: value} for runs on it; a run applies its own and keeps this empty
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> Config:
         """Each section checks itself; then what spans sections, by the kinds' capabilities."""
@@ -166,7 +179,9 @@ class Config:
         if objective.solves_ode and self.train.compile:
             raise ConfigError(
                 f"invalid config value: train.compile is for flow matching (objective.name=fm): {objective.title} "
-                "differentiates the divergence (a double backward), which torch.compile's autograd does not support."
+                "differentiates the divergence (a double backward), which torch.compile's autograd does not support; "
+                "for maximum likelihood, compile the fixed-step solve instead: solver.method=rk4 solver.step_size=0.05 "
+                "solver.adjoint=false solver.compile=true."
             )
         return self
 
@@ -293,13 +308,19 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", lenient: bool =
 
     ``lenient``: keys of another model / objective kind are dropped without a notice (saved configs)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             _unknown_key(key, names, prefix, [prefix + n for n in names])
+        factory = fields[key].default_factory
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+            value = {**to_dict(factory()), **value}  # a partial section keeps its field's defaults (eval.solver's)
         if cls is Config and key in VARIANTS:
             kwargs[key] = _variant(key, value, getattr(Config(), key), lenient)
+        elif cls is Config and key == "devices":
+            kwargs[key] = _device_sections(value, data)
         else:
             kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
@@ -348,28 +369,159 @@ def _merge(base: dict[str, Any], updates: typing.Mapping[str, Any]) -> dict[str,
     return out
 
 
+def _set(node: dict[str, Any], keys: list[str], value: Any, origin: str) -> None:
+    """``node[k0][k1]... = value``, making the sections on the way."""
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{k}' is not a section.")
+        node = child
+    node[keys[-1]] = value
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``); a later key wins."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _device_sections(value: Any, data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``devices`` section checked: device type -> {dotted key: value} (nested mappings flattened). Each key is
+    checked as an override is (against ``data``'s model and objective kinds), whichever device this is;
+    ``notice`` is a line printed with the section."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key 'devices' must map device types ({', '.join(DEVICE_TYPES)}) to settings.")
+    sections = {}
+    for device, section in value.items():
+        if device not in DEVICE_TYPES:
+            raise ConfigError(f"devices: unknown device type '{device}'. Valid: {', '.join(DEVICE_TYPES)}.")
+        if not isinstance(section, Mapping | None):
+            raise ConfigError(
+                f"config key 'devices.{device}' must map dotted keys to values (train.batch_size: 1024), "
+                f"got {section!r}."
+            )
+        flat = _flatten(section or {})
+        for key, v in flat.items():
+            _check_setting(device, key, v, data, flat)
+        sections[device] = flat
+    return sections
+
+
+def _check_setting(device: str, key: str, value: Any, data: Mapping[str, Any], section: Mapping[str, Any]) -> None:
+    """One dotted setting of ``devices.<device>``, checked alone as an override is; a model or objective key
+    against the kind the section itself names (``model.name``), else the kind of ``data``."""
+    where = f"devices.{device}.{key}"
+    if key == "notice":
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"config key '{where}' expects a string (a line printed with the section), got {value!r}."
+            )
+        return
+    keys = key.split(".")
+    if keys[0] == "devices":
+        raise ConfigError(f"config key '{where}': a devices section holds no devices section.")
+    probe: dict[str, Any] = {}
+    if keys[0] in VARIANTS and len(keys) > 1:
+        kind = data.get(keys[0])
+        name = section.get(f"{keys[0]}.name", kind.get("name") if isinstance(kind, Mapping) else None)
+        if name is not None:
+            probe[keys[0]] = {"name": name}
+    try:
+        _set(probe, keys, value, where)
+        from_dict(Config, probe, lenient=True)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _show(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _lookup(values: Mapping[str, Any], key: str, default: Any) -> Any:
+    for k in key.split("."):
+        if not isinstance(values, Mapping) or k not in values:
+            return default
+        values = values[k]
+    return values
+
+
+def device_notice(device: str, applied: Mapping[str, Any], note: str | None = None) -> str | None:
+    """The one line a run prints for the ``devices`` section of its device: the settings that took effect
+    (``applied``: dotted key -> value) and the section's ``notice``; None when there is nothing to say."""
+    if not applied:
+        return f"notice: devices.{device}: {note}" if note else None
+    keys = " ".join(f"{k}={_show(v)}" for k, v in applied.items())
+    line = f"notice: devices.{device} applied: {keys} (give a key on the command line to change it)"
+    return f"{line}. {note}" if note else line
+
+
 def load_config(
     path: str | Path | dict[str, Any] | Config | None = None,
     overrides: typing.Sequence[str] = (),
     updates: typing.Mapping[str, Any] | None = None,
     lenient: bool = False,
+    device: str | None = None,
+    notice: bool = False,
 ) -> Config:
-    """Defaults ← YAML file (or a dict of it, or a Config) ← ``key.sub=value`` overrides ← ``updates`` (a nested
-    mapping), validated. The caller's dict or Config is never changed. ``lenient``: for saved configs (keys of
-    another model / objective kind dropped without a notice)."""
+    """Defaults ← YAML file (or a dict of it, or a Config) ← its ``devices`` section for ``device`` ←
+    ``key.sub=value`` overrides ← ``updates`` (a nested mapping), validated. The caller's dict or Config is never
+    changed. ``lenient``: for saved configs (keys of another model / objective kind dropped without a notice).
+
+    ``device``: the device type the run runs on (``flows.training.accelerator.run_device``): ``devices[device]``
+    applies and the config returned has no ``devices`` (it holds the values the run uses). None: no section applies
+    and ``devices`` is kept. ``notice``: print :func:`device_notice`'s line for the section applied (stderr)."""
     if isinstance(path, Config):
         data = to_dict(path)
     elif isinstance(path, dict):
         data = copy.deepcopy(path)
     else:
         data = _read_yaml(path) if path is not None else {}
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{k}' is not a section.")
-            node = child
-        node[keys[-1]] = value
-    return from_dict(Config, _merge(data, updates or {}), lenient=lenient).validate()
+    parsed = [(text, *_parse_override(text)) for text in overrides]
+    updates = dict(updates or {})
+    section: dict[str, Any] = {}
+    if device is not None:  # the caller's own changes to the sections first, then the section, under the rest
+        for text, keys, value in parsed:
+            if keys[0] == "devices":
+                _set(data, keys, value, f"override '{text}'")
+        if "devices" in updates:
+            data = _merge(data, {"devices": updates.pop("devices")})
+        parsed = [p for p in parsed if p[1][0] != "devices"]
+        section = dict(_device_sections(data.pop("devices", None), data).get(device, {}))
+        for key, value in section.items():
+            if key != "notice":
+                _set(data, key.split("."), value, f"devices.{device}.{key}")
+    for text, keys, value in parsed:
+        _set(data, keys, value, f"override '{text}'")
+    note = section.pop("notice", None)
+    try:
+        cfg = from_dict(Config, _merge(data, updates), lenient=lenient).validate()
+    except ConfigError as e:
+        if any(key in str(e) for key in section):
+            raise ConfigError(
+                f"{e} (devices.{device} set {' '.join(f'{k}={_show(v)}' for k, v in section.items())}.)"
+            ) from None
+        raise
+    if notice and device is not None:
+        user = [".".join(keys) for _, keys, _ in parsed] + list(_flatten(updates))
+        values = to_dict(cfg)
+        applied = {
+            k: _lookup(values, k, v)
+            for k, v in section.items()
+            if not any(k == u or k.startswith(u + ".") for u in user)
+        }
+        line = device_notice(device, applied, note)
+        if line:
+            print(line, file=sys.stderr)
+    return cfg

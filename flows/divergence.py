@@ -7,12 +7,14 @@ regularizer costs no extra vector-Jacobian product.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from flows.errors import unknown_value
 
-__all__ = ["divergence_exact", "divergence_hutchinson", "draw_probe"]
+__all__ = ["divergence_exact", "divergence_hutchinson", "divergence_jvp", "draw_probe"]
 
 
 def divergence_exact(
@@ -50,6 +52,28 @@ def divergence_hutchinson(
     (eps_jac,) = torch.autograd.grad(v, x, probe, create_graph=create_graph, materialize_grads=True)
     div = (eps_jac * probe).flatten(1).sum(1)
     return div, eps_jac.pow(2).flatten(1).sum(1) if frobenius else None
+
+
+def divergence_jvp(
+    fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor | None = None, frobenius: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Forward mode: ``(v, div, frob)`` for v = fn(x) from Jacobian-vector products.
+
+    With ``probe`` ε: Hutchinson's εᵀ (∂v/∂x) ε and ‖(∂v/∂x) ε‖² (unbiased for the squared Frobenius norm, like
+    the reverse-mode ‖εᵀ ∂v/∂x‖², but not equal to it for the same ε). Without: the exact trace and ‖∂v/∂x‖²_F
+    from the D columns (∂v/∂x) e_i, one vmapped JVP per input dimension. Differentiating the result is a
+    first-order backward (no double backward), which torch.compile supports.
+    """
+    batch, dim = x.shape[0], x[0].numel()
+    if probe is not None:
+        v, jvp = torch.func.jvp(fn, (x,), (probe,))
+        div = (jvp * probe).flatten(1).sum(1)
+        return v, div, jvp.pow(2).flatten(1).sum(1) if frobenius else None
+    basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(dim, 1, *x.shape[1:]).expand(dim, *x.shape)
+    v, columns = torch.func.vmap(lambda e: torch.func.jvp(fn, (x,), (e,)), out_dims=(None, 0))(basis)
+    columns = columns.reshape(dim, batch, dim)  # columns[i, b] = (∂v/∂x) e_i of sample b
+    div = columns.diagonal(dim1=0, dim2=2).sum(-1)
+    return v, div, columns.pow(2).sum((0, 2)) if frobenius else None
 
 
 def draw_probe(x: Tensor, kind: str, generator: torch.Generator | None = None) -> Tensor:

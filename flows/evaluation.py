@@ -21,7 +21,9 @@ from flows.errors import FlowsError
 from flows.flow import Flow
 from flows.ode import FIXED_STEP_METHODS
 
-__all__ = ["gathered_log_prob", "summarize", "describe", "tolerance_check"]
+__all__ = ["EVAL_BATCH", "gathered_log_prob", "summarize", "describe", "tolerance_check"]
+
+EVAL_BATCH = 2000  # points per solve of an evaluation where the device's free memory cannot be read (a CPU)
 
 
 @torch.no_grad()
@@ -29,7 +31,7 @@ def gathered_log_prob(
     acc: Accelerator,
     flow: Flow,
     raw: Tensor,
-    batch_size: int,
+    batch_size: int | None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     context: Tensor | None = None,
@@ -41,12 +43,14 @@ def gathered_log_prob(
     Every process calls it with the same ``raw``; ``options`` go to ``Flow.log_prob`` (trace, probes,
     method, ...), ``generator`` lives on ``acc.device`` (one per process). Returns (log p (N,),
     probe variance (N,), info: ``nfe`` per solve, ``seconds``, and the options ``Flow.log_prob`` used).
-    One collective per call: shares are padded to equal size and gathered.
+    One collective per call: shares are padded to equal size and gathered. ``batch_size``: points per solve, or
+    None: what fits in the device's free memory (:meth:`Flow.log_prob_batch`), :data:`EVAL_BATCH` on a CPU.
     """
     info = flow.log_prob_options(**options)
     n, procs, rank = len(raw), acc.num_processes, acc.process_index
     per = -(-n // procs)  # each process takes a contiguous share of at most ``per`` points
     mine = torch.arange(rank * per, min(n, (rank + 1) * per), device="cpu")
+    batch_size = batch_size or flow.log_prob_batch(max(len(mine), 1), info, context, EVAL_BATCH)
     lps, variances, nfe = [], [], []
     start = time.perf_counter()
     for ib in tqdm(mine.split(batch_size), desc="evaluate", disable=not (progress and acc.is_local_main_process)):

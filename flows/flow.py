@@ -36,11 +36,16 @@ from torch import Tensor, nn
 from flows.context import Context, guided
 from flows.errors import FlowsError
 from flows.likelihood import auto_trace, log_prob
-from flows.ode import DEFAULTS, FIXED_STEP_METHODS, SolverOptions, solver_options
+from flows.memory import auto_batch
+from flows.ode import DEFAULTS, FIXED_STEP_METHODS, OWN_METHODS, SolverOptions, solver_options
 from flows.preprocess import Preprocess
 from flows.sampling import SampleResult, decode, encode, sample, transport_summary
 
 __all__ = ["Flow", "SolveOptions"]
+
+# points per solve on a device whose free memory cannot be read (a CPU); elsewhere flows.memory.auto_batch decides
+CHUNK = 10_000  # sample, encode, decode
+LOG_PROB_BATCH = 1000
 
 
 class SolveOptions(TypedDict, total=False):
@@ -50,6 +55,7 @@ class SolveOptions(TypedDict, total=False):
     atol: float | None  # adaptive methods' tolerances
     rtol: float | None
     steps: int | None  # a fixed-step solve with this many steps (rk4 unless method is fixed-step)
+    compile: bool | str | None  # euler, midpoint, rk4: torch.compile the whole solve (True, or a torch.compile mode)
 
 
 @dataclass
@@ -115,12 +121,15 @@ class Flow:
         atol: float | None = None,
         rtol: float | None = None,
         steps: int | None = None,
+        compile: bool | str | None = None,
     ) -> SolverOptions:
         """The flow's solver with any of these replaced (and no adjoint), as :class:`flows.ode.SolverOptions`.
 
         ``steps``: a fixed-step solve with that many steps (rk4 unless ``method`` is a fixed-step method).
+        ``compile``: compile the fixed-step solve (:mod:`flows.ode`); a flow saved with it compiles only while the
+        method is euler, midpoint or rk4.
         """
-        base = self.solver
+        base = {**DEFAULTS, **self.solver}
         changes: dict[str, Any] = {"method": method} if method is not None else {}
         changes |= {k: float(v) for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
         if steps is not None:
@@ -128,6 +137,10 @@ class Flow:
                 raise FlowsError(f"steps must be positive (got {steps})")
             changes["step_size"] = 1.0 / steps
             changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
+        if compile is not None:
+            changes["compile"] = compile
+        elif changes.get("method", base["method"]) not in OWN_METHODS:
+            changes["compile"] = False
         return solver_options(**{**base, **changes, "adjoint": False})  # checks method, atol and rtol
 
     # ------------------------------------------------------------------ data units <-> model space
@@ -189,7 +202,7 @@ class Flow:
         context: Any = None,
         guidance: float = 0.0,
         generator: torch.Generator | None = None,
-        chunk: int = 10_000,
+        chunk: int | None = None,
         return_info: bool = False,
         progress: bool = False,
         **solve: Unpack[SolveOptions],
@@ -207,7 +220,8 @@ class Flow:
             generator: for the noise; must live on ``self.device``.
             **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
                 solver, adaptive).
-            chunk: points per solve (bounds memory).
+            chunk: points per solve (bounds memory); default: as many as fit in the device's free memory
+                (:func:`flows.memory.auto_batch`), 10,000 on a CPU.
             return_info: also return a dict with ``nfe``, ``seconds``, ``kinetic_energy`` (mean ∫‖v‖²dt,
                 model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *shape)
                 and ``solver``.
@@ -215,7 +229,7 @@ class Flow:
         Returns:
             Samples ``(n, *shape)`` (or ``(K, n, *shape)``) in data units on ``self.device`` (and the info dict).
         """
-        if n <= 0 or chunk <= 0:
+        if n <= 0 or (chunk is not None and chunk <= 0):
             raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
         solver = self.solve_options(**solve)
         self.guided_field(guidance)  # a flow that cannot be guided: the error before any work
@@ -240,7 +254,7 @@ class Flow:
         self,
         n: int,
         generator: torch.Generator | None,
-        chunk: int,
+        chunk: int | None,
         progress: bool,
         solver: SolverOptions,
         context: Tensor | None = None,
@@ -250,6 +264,7 @@ class Flow:
         row per sample in data units; ``guidance``: the classifier-free guidance weight."""
         c = self.context.model(context) if context is not None else None
         field = self.guided_field(guidance)
+        chunk = chunk or self.batch(n, CHUNK, context=c, copies=2 if guidance else 1)
         res = sample(field, n, self.shape, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
         x = self.context.color(res.x, c) if c is not None else res.x
         return self._to_data(x), {**self._info(res), "noise": res.z}
@@ -260,7 +275,7 @@ class Flow:
         z: Tensor,
         *,
         context: Any = None,
-        chunk: int = 10_000,
+        chunk: int | None = None,
         return_info: bool = False,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
@@ -270,6 +285,7 @@ class Flow:
         start = time.perf_counter()
         z = self._as_data(z, "decode")
         c = self._model_context(context, len(z), "decode")
+        chunk = chunk or self.batch(len(z), CHUNK, context=c)
         res = decode(self.field, z, chunk=chunk, context=c, **solver)
         x = self.context.color(res.x, c) if c is not None else res.x
         return self._result(self._to_data(x), self._info(res), solver, start, return_info)
@@ -280,7 +296,7 @@ class Flow:
         x: Tensor,
         *,
         context: Any = None,
-        chunk: int = 10_000,
+        chunk: int | None = None,
         return_info: bool = False,
         progress: bool = False,
         **solve: Unpack[SolveOptions],
@@ -295,6 +311,7 @@ class Flow:
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
         c = self._model_context(context, len(model_x), "encode")
         model_x = self.context.whiten(model_x, c) if c is not None else model_x
+        chunk = chunk or self.batch(len(model_x), CHUNK, context=c)
         res = encode(self.field, model_x, chunk=chunk, progress=progress, context=c, **solver)
         return self._result(res.x, self._info(res), solver, start, return_info)
 
@@ -308,7 +325,7 @@ class Flow:
         probes: int = 1,
         deq_samples: int = 1,
         generator: torch.Generator | None = None,
-        batch_size: int = 1000,
+        batch_size: int | None = None,
         return_info: bool = False,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
@@ -326,7 +343,8 @@ class Flow:
             generator: for probes and dequantization noise; must live on ``self.device``.
             **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
                 solver).
-            batch_size: points per solve (bounds memory).
+            batch_size: points per solve (bounds memory); default: as many as fit in the device's free memory
+                (:func:`flows.memory.auto_batch`), 1,000 on a CPU.
             return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
                 per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``, ``solver``.
 
@@ -334,12 +352,13 @@ class Flow:
             ``(N,)`` float64 on ``self.device`` (and the info dict).
         """
         opts = self.log_prob_options(trace, probes, deq_samples, **solve)
-        if batch_size <= 0:
+        if batch_size is not None and batch_size <= 0:
             raise FlowsError("batch_size must be positive")
         start = time.perf_counter()
         x = self._as_data(x, "log_prob")
         marginal = context is None and self.context is not None and self.context.kind == "labels"
         rows = None if marginal else self._rows(context, len(x), "log_prob")
+        batch_size = batch_size or self.log_prob_batch(len(x), opts, rows)
         lps, variances, nfe = [], [], []
         parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
         for part, c in zip(x.split(batch_size), parts, strict=True):
@@ -352,6 +371,31 @@ class Flow:
             return lp
         info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
         return lp, info | {"variance": torch.cat(variances)} | opts
+
+    def batch(
+        self, n: int, default: int, *, trace: bool = False, context: Tensor | None = None, copies: int = 1
+    ) -> int:
+        """Points per solve of ``n`` points when the caller gives none: what fits in the device's free memory
+        (:func:`flows.memory.auto_batch`), ``default`` on a CPU. ``trace``: a log-density solve; ``context``: model
+        space rows of the context; ``copies``: solves of each point at once (probes x dequantizations, guidance)."""
+        return max(
+            1, auto_batch(self.field, self.shape, n * copies, default * copies, trace=trace, context=context) // copies
+        )
+
+    def log_prob_batch(
+        self, n: int, opts: dict[str, Any], context: Tensor | None = None, default: int = LOG_PROB_BATCH
+    ) -> int:
+        """Points per solve of :meth:`log_prob` on ``n`` points with ``opts`` (:meth:`log_prob_options`): what fits in
+        the device's free memory, ``default`` on a CPU. ``context``: their contexts (data units), if any."""
+        if self.context is not None:  # a context row to measure with (a label for the marginal's solves)
+            some = (
+                context[:1].to(self.device)
+                if context is not None
+                else torch.zeros(1, dtype=torch.long, device=self.device)
+            )
+            context = self.context.model(some.to(self.device))
+        copies = opts["probes"] * opts["deq_samples"]
+        return self.batch(n, default, trace=True, context=context, copies=copies)
 
     def log_prob_options(
         self, trace: str = "auto", probes: int = 1, deq_samples: int = 1, **solve: Unpack[SolveOptions]

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flows.divergence import divergence_exact, divergence_hutchinson, draw_probe
+from flows.divergence import divergence_exact, divergence_hutchinson, divergence_jvp, draw_probe
 from flows.errors import ConfigError, SolverError, unknown_value
 
 __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_STEP_METHODS",
+    "OWN_METHODS",
     "SOLVER_METHODS",
     "SolverOptions",
     "solver_options",
@@ -31,6 +32,10 @@ __all__ = [
     "NFE",
     "Solution",
     "Dynamics",
+    "augmented",
+    "fixed_grid",
+    "integrate_fixed",
+    "fixed_step",
     "solve",
     "solve_path",
 ]
@@ -51,6 +56,7 @@ class SolverOptions(TypedDict, total=False):
     step_size: float | None  # fixed-step methods (None: one step per output time)
     adjoint: bool  # gradients by the adjoint (O(1) memory) instead of backprop through the solver
     max_steps: int  # adaptive methods give up (with a SolverError) past this
+    compile: bool | str  # euler, midpoint, rk4 without the adjoint: torch.compile the whole solve (True, or a mode)
 
 
 DEFAULTS: SolverOptions = {
@@ -60,7 +66,12 @@ DEFAULTS: SolverOptions = {
     "step_size": None,
     "adjoint": False,
     "max_steps": 10_000,
+    "compile": False,
 }
+# the fixed-step methods that flows integrates itself: a loop with no host synchronization (times are Python
+# floats), which torch.compile can take whole
+OWN_METHODS = ("euler", "midpoint", "rk4")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def solver_options(prefix: str = "", **options: Unpack[SolverOptions]) -> SolverOptions:
@@ -79,6 +90,15 @@ def solver_options(prefix: str = "", **options: Unpack[SolverOptions]) -> Solver
         raise ConfigError(f"invalid value: {p}step_size must be > 0 (got {out['step_size']}).")
     if out["max_steps"] <= 0:
         raise ConfigError(f"invalid value: {p}max_steps must be > 0 (got {out['max_steps']}).")
+    mode = out["compile"]
+    if isinstance(mode, str) and mode not in COMPILE_MODES:
+        unknown_value(f"{p}compile", mode, ["true", "false", *COMPILE_MODES])
+    if mode and (out["method"] not in OWN_METHODS or out["adjoint"]):
+        raise ConfigError(
+            f"invalid value: {p}compile compiles a fixed-step solve: it needs {p}method in {', '.join(OWN_METHODS)} "
+            f"and {p}adjoint=false (got method={out['method']}, adjoint={out['adjoint']}); e.g. "
+            f"{p}method=rk4 {p}step_size=0.05 {p}adjoint=false {p}compile=true."
+        )
     return out
 
 
@@ -133,44 +153,65 @@ class Dynamics(nn.Module):
         probe: Tensor | None = None,
         nfe: NFE | None = None,
         context: Tensor | None = None,
+        derivatives: str = "reverse",
     ):
         super().__init__()
         self.field, self.integrals, self.trace, self.probe = field, integrals, trace, probe
+        self.derivatives = derivatives
         # a conditional field's context, one row per point (constant along the solve): v(x, t, c)
         self.extra = () if context is None else (context,)
         self.nfe = nfe if nfe is not None else NFE()
-        self.analytic = getattr(field, "analytic_divergence", False)
-        if self.analytic and context is not None:
+        if getattr(field, "analytic_divergence", False) and context is not None:
             raise ConfigError("a field with an analytic divergence (the potential) takes no context")
 
-    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def forward(self, t: Tensor | float, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe.total += 1
-        x = state[0]
-        t = t.expand(x.shape[0])
-        wanted = self.integrals
-        rates: dict[str, Tensor | None] = {}
-        if self.analytic and ("divergence" in wanted or "hjb" in wanted):
-            v, rates["divergence"], phi_t = self.field.dynamics(x, t)
-            if "hjb" in wanted:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
-                rates["hjb"] = (phi_t - 0.5 * v.pow(2).sum(1)).abs()
-        elif "divergence" not in wanted and "jacobian" not in wanted:
-            v = self.field(x, t, *self.extra)
-        else:
-            create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
-            with torch.enable_grad():
-                if not x.requires_grad:
-                    x = x.detach().requires_grad_(True)
-                v = self.field(x, t, *self.extra)
-                frobenius = "jacobian" in wanted
-                if self.trace == "exact":
-                    rates["divergence"], rates["jacobian"] = divergence_exact(v, x, create_graph, frobenius)
-                else:
-                    rates["divergence"], rates["jacobian"] = divergence_hutchinson(
-                        v, x, self.probe, create_graph, frobenius
-                    )
-        if "kinetic" in wanted:
-            rates["kinetic"] = v.pow(2).flatten(1).sum(1)
-        return (v, *(rates[name] for name in wanted))
+        return augmented(self.field, t, state, self.integrals, self.trace, self.probe, self.extra, self.derivatives)
+
+
+def augmented(
+    field: nn.Module,
+    t: Tensor | float,
+    state: tuple[Tensor, ...],
+    integrals: tuple[str, ...] = (),
+    trace: str = "exact",
+    probe: Tensor | None = None,
+    extra: tuple[Tensor, ...] = (),
+    derivatives: str = "reverse",
+) -> tuple[Tensor, ...]:
+    """The rates ``(v, *integrands)`` of the augmented state at time t (a tensor, or a Python float: then no host
+    value is read, so the call can be captured or compiled). ``derivatives``: the divergence and Jacobian by
+    vector-Jacobian products (``"reverse"``; with a graph while gradients are enabled) or by Jacobian-vector
+    products (``"forward"``, :func:`divergence_jvp`: its gradient is a first-order backward, which torch.compile
+    takes)."""
+    x = state[0]
+    t = x.new_full((x.shape[0],), t) if isinstance(t, float) else t.expand(x.shape[0])
+    rates: dict[str, Tensor | None] = {}
+    if getattr(field, "analytic_divergence", False) and ("divergence" in integrals or "hjb" in integrals):
+        v, rates["divergence"], phi_t = field.dynamics(x, t)
+        if "hjb" in integrals:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
+            rates["hjb"] = (phi_t - 0.5 * v.pow(2).sum(1)).abs()
+    elif "divergence" not in integrals and "jacobian" not in integrals:
+        v = field(x, t, *extra)
+    elif derivatives == "forward":
+        frobenius = "jacobian" in integrals
+        v, rates["divergence"], rates["jacobian"] = divergence_jvp(
+            lambda y: field(y, t, *extra), x, probe if trace == "hutchinson" else None, frobenius
+        )
+    else:
+        create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            v = field(x, t, *extra)
+            frobenius = "jacobian" in integrals
+            if trace == "exact":
+                rates["divergence"], rates["jacobian"] = divergence_exact(v, x, create_graph, frobenius)
+            else:
+                rates["divergence"], rates["jacobian"] = divergence_hutchinson(v, x, probe, create_graph, frobenius)
+    if "kinetic" in integrals:
+        rates["kinetic"] = v.pow(2).flatten(1).sum(1)
+    return (v, *(rates[name] for name in integrals))
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -222,9 +263,19 @@ def solve(
     eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None
     if context is not None and len(context) != x.shape[0]:
         raise ConfigError(f"{len(context)} context rows for {x.shape[0]} points")
-    dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context)
     zeros = x.new_zeros(x.shape[0])
     state = (x,) + (zeros,) * len(integrals)
+    if options["method"] in OWN_METHODS and not (options["adjoint"] and torch.is_grad_enabled()):
+        if options["compile"] and analytic:
+            raise ConfigError("compile: a field with an analytic divergence (the potential) is solved uncompiled")
+        grid = fixed_grid(t0, t1, options["step_size"], x.dtype)
+        extra = () if context is None else (context,)
+        finals = integrate_fixed(
+            field, state, grid, options["method"], integrals, trace or "exact", eps, extra, compile=options["compile"]
+        )
+        nfe = (len(grid) - 1) * STAGES[options["method"]]
+        return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))
+    dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context)
     n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
 
     def norm(tensors: tuple[Tensor, ...]) -> Tensor:
@@ -235,6 +286,97 @@ def solve(
     dynamics.nfe.forward = dynamics.nfe.total
     finals = [o[-1] for o in out]
     return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
+
+
+THIRD = 1 / 3
+STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # field evaluations per step of each of OWN_METHODS
+
+
+def fixed_grid(t0: float, t1: float, step_size: float | None, dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+    """The times of a fixed-step solve from t0 to t1, as torchdiffeq makes them (in ``dtype``, on the host): steps of
+    ``step_size`` with a shorter last one, or one step without a step size. Decreasing times mirror increasing ones."""
+    if step_size is None:
+        return (float(t0), float(t1))
+    sign = 1.0 if t1 >= t0 else -1.0
+    start, end = torch.tensor(sign * t0, dtype=dtype, device="cpu"), torch.tensor(sign * t1, dtype=dtype, device="cpu")
+    count = int(torch.ceil((end - start) / step_size + 1))
+    grid = torch.arange(0, count, dtype=dtype, device="cpu") * step_size + start
+    grid[-1] = end
+    return tuple(sign * float(g) for g in grid)
+
+
+def integrate_fixed(
+    field: nn.Module,
+    state: tuple[Tensor, ...],
+    grid: tuple[float, ...],
+    method: str,
+    integrals: tuple[str, ...] = (),
+    trace: str = "exact",
+    probe: Tensor | None = None,
+    extra: tuple[Tensor, ...] = (),
+    derivatives: str = "reverse",
+    compile: bool | str = False,
+) -> tuple[Tensor, ...]:
+    """The augmented state at ``grid[-1]`` by ``method`` over the steps of ``grid`` (:func:`fixed_step`). Nothing
+    is read back from the device, so on a GPU the host queues every step without waiting. ``compile``: each step
+    runs compiled (one graph per step, taking its times as tensors, so every step reuses it; forward-mode
+    derivatives, whose gradient torch.compile supports)."""
+    if not compile:
+        for a, b in zip(grid[:-1], grid[1:], strict=False):
+            state = fixed_step(field, state, a, b, method, integrals, trace, probe, extra, derivatives)
+        return state
+    step, times = _compiled(compile), state[0].new_tensor(grid)  # one copy of the times per solve
+    for i in range(len(grid) - 1):
+        state = step(field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
+    return state
+
+
+def fixed_step(
+    field: nn.Module,
+    state: tuple[Tensor, ...],
+    a: float | Tensor,
+    b: float | Tensor,
+    method: str,
+    integrals: tuple[str, ...] = (),
+    trace: str = "exact",
+    probe: Tensor | None = None,
+    extra: tuple[Tensor, ...] = (),
+    derivatives: str = "reverse",
+) -> tuple[Tensor, ...]:
+    """One step of ``method`` from time a to b: euler, midpoint, or rk4 as torchdiffeq's (the 3/8 rule)."""
+
+    def rates(t: float | Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return augmented(field, t, y, integrals, trace, probe, extra, derivatives)
+
+    dt = b - a
+    k1 = rates(a, state)
+    if method == "euler":
+        dy = tuple(dt * k for k in k1)
+    elif method == "midpoint":
+        mid = tuple(y + k * (0.5 * dt) for y, k in zip(state, k1, strict=True))
+        dy = tuple(dt * k for k in rates(a + 0.5 * dt, mid))
+    else:  # rk4: the 3/8 rule
+        k2 = rates(a + dt * THIRD, tuple(y + dt * k * THIRD for y, k in zip(state, k1, strict=True)))
+        k3 = rates(a + dt * 2 * THIRD, tuple(y + dt * (q - p * THIRD) for y, p, q in zip(state, k1, k2, strict=True)))
+        k4 = rates(b, tuple(y + dt * (p - q + r) for y, p, q, r in zip(state, k1, k2, k3, strict=True)))
+        dy = tuple((p + 3 * (q + r) + w) * dt * 0.125 for p, q, r, w in zip(k1, k2, k3, k4, strict=True))
+    return tuple(y + d for y, d in zip(state, dy, strict=True))
+
+
+def _step_forward(*args: object) -> tuple[Tensor, ...]:
+    """:func:`fixed_step` with forward-mode derivatives: the form torch.compile takes with its gradient."""
+    return fixed_step(*args, derivatives="forward")  # type: ignore[arg-type]
+
+
+_COMPILED: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def _compiled(mode: bool | str) -> Callable[..., tuple[Tensor, ...]]:
+    """The compiled fixed step for a torch.compile ``mode`` (True: the default mode), made once per mode."""
+    name = "default" if mode is True else str(mode)
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_step_forward, mode=None if name == "default" else name, dynamic=False)
+    return _COMPILED[name]
 
 
 def _odeint(

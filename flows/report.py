@@ -27,11 +27,13 @@ def save_grid(images: Tensor, out: Path, nrow: int | None = None) -> Path:
     return out
 
 
-def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int, size: int = 120, **solver: Any):
+def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int | None, size: int = 120, **solver: Any):
     """log p (data space, float64) of a 2D flow on a size x size grid around ``reference``; (lp, extent).
 
-    ``solver``: ``method``, ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
+    ``chunk``: points per solve (None: what fits in the device's memory, 10,000 on a CPU). ``solver``: ``method``,
+    ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
     points, extent = grid(reference, size)
+    chunk = chunk or flow.batch(len(points), 10_000, trace=True)
     lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, **solver)
     return lp.cpu().numpy(), extent
 

@@ -31,6 +31,7 @@ CORE = {
     "flows.mixture",
     "flows.context",
     "flows.flowfile",
+    "flows.memory",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}
 

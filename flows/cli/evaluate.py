@@ -35,7 +35,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--atol", type=float, help="default: the run's eval.solver.atol (1e-5)")
     p.add_argument("--rtol", type=float, help="default: the run's eval.solver.rtol (1e-5)")
-    p.add_argument("--batch-size", type=int, default=1000, help="points per solve (bounds memory)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="points per solve (bounds memory); default: what fits in free memory (at most 2,000 on a CPU)",
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N points")
     p.add_argument(
         "--check",
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         from flows.evaluation import gathered_log_prob, summarize, tolerance_check
 
         for name in ("probes", "deq_samples", "batch_size"):
-            if getattr(args, name) <= 0:
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise FlowsError(f"--{name.replace('_', '-')} must be positive")
         if (args.atol is not None and args.atol <= 0) or (args.rtol is not None and args.rtol <= 0):
             raise FlowsError("--atol and --rtol must be positive")

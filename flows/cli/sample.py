@@ -34,7 +34,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--encode", action="store_true", help="reverse mode: map data (the run's test split, or --data) to noise"
     )
     p.add_argument("--data", help="with --encode: .npy/.npz of raw points")
-    p.add_argument("--chunk", type=int, default=10_000, help="points per solve (bounds memory)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        help="points per solve (bounds memory); default: what fits in free memory (at most 10,000 on a CPU)",
+    )
     cond = p.add_argument_group("conditional runs")
     cond.add_argument("--label", help="a class label, or 'all' (-n per class; a grid with one row per class)")
     cond.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight (0: none)")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         from flows.api import load
         from flows.errors import FlowsError
 
-        if args.n <= 0 or args.chunk <= 0:
+        if args.n <= 0 or (args.chunk is not None and args.chunk <= 0):
             raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)

@@ -14,8 +14,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train a continuous normalizing flow. Without --config: the embedded default "
-        "(checkerboard, maximum likelihood, CPU, a few minutes).",
-        epilog="Overrides are dotted keys, e.g. train.steps=500 objective.kinetic=0.01 run_dir=runs/x",
+        "(checkerboard, maximum likelihood, a few minutes on a CPU; its devices.cuda settings on a GPU).",
+        epilog="Overrides are dotted keys, e.g. train.steps=500 objective.kinetic=0.01 run_dir=runs/x; they win over "
+        "the recipe's devices section for this run's device (devices=null turns it off).",
     )
     p.add_argument("--config", help="YAML recipe (default: configs/toy2d_mle.yaml, else built-in defaults)")
     p.add_argument(

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from flows.config import Config
 from flows.tracking import check_installed, tracker_names
 
-__all__ = ["new_accelerator", "end"]
+__all__ = ["new_accelerator", "end", "run_device"]
+
+
+def run_device() -> tuple[str, bool]:
+    """The device type this process's run will use (cuda, cpu, mps, ...) and whether it is the main process.
+
+    Accelerate's process state, which the Accelerator adopts: the GPU of this rank under ``accelerate launch``,
+    the CPU with ``CUDA_VISIBLE_DEVICES=""`` or ``accelerate launch --cpu`` (ACCELERATE_USE_CPU, read as the
+    Accelerator reads it)."""
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return state.device.type, state.is_main_process
 
 
 def new_accelerator(cfg: Config) -> Accelerator:

@@ -1,0 +1,202 @@
+"""What the GPU path rests on, checked on a CPU: the memory-based batch choice (with a fake free-memory
+budget), the fixed-step solves that read nothing back from the device (equal to torchdiffeq's, and run on the
+meta device, where any host read fails), forward-mode derivatives, and the compiled solve."""
+
+import pytest
+import torch
+
+import flows.memory as memory
+from flows.errors import ConfigError
+from flows.flow import Flow
+from flows.nn import TimeMLP
+from flows.ode import OWN_METHODS, fixed_grid, integrate_fixed, solve, solver_options
+from flows.preprocess import Preprocess
+
+INTEGRALS = ("divergence", "kinetic", "jacobian")
+
+
+def field(hidden=(16, 16), dim=2, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return TimeMLP(dim, list(hidden), activation="tanh").to(dtype)
+
+
+def unit(dim: int) -> Preprocess:
+    return Preprocess(torch.zeros(dim), torch.ones(dim))
+
+
+def mle_solve(f, x, torchdiffeq: bool, monkeypatch=None, **solver):
+    """The MLE augmented solve from data to noise; through torchdiffeq when asked (flows' own loop disabled)."""
+    if torchdiffeq:
+        monkeypatch.setattr("flows.ode.OWN_METHODS", ())
+    sol = solve(f, x, 1.0, 0.0, trace="exact", kinetic=True, jacobian=True, **solver)
+    if torchdiffeq:
+        monkeypatch.undo()
+    return sol
+
+
+# ------------------------------------------------------------------ fixed-step solves without host reads
+@pytest.mark.parametrize("method", OWN_METHODS)
+@pytest.mark.parametrize("step_size", [None, 0.1, 0.3])
+def test_own_fixed_step_solves_equal_torchdiffeq_values_and_gradients(method, step_size, monkeypatch):
+    f, x = field(), torch.randn(32, 2)
+    results = []
+    for via_torchdiffeq in (True, False):
+        f.zero_grad()
+        sol = mle_solve(f, x, via_torchdiffeq, monkeypatch, method=method, step_size=step_size, adjoint=False)
+        (sol.x.pow(2).sum() - sol.divergence.sum() + sol.kinetic.sum() + sol.jacobian.sum()).backward()
+        results.append(([sol.x, sol.divergence, sol.kinetic, sol.jacobian], [p.grad.clone() for p in f.parameters()]))
+        assert sol.nfe.forward == sol.nfe.total > 0
+    (ref, ref_grads), (own, own_grads) = results
+    for a, b in zip(own + own_grads, ref + ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)  # float32 rounding (times made in float64)
+
+
+def test_fixed_grid_is_torchdiffeqs():
+    assert fixed_grid(0.0, 1.0, None) == (0.0, 1.0)
+    g = fixed_grid(1.0, 0.0, 0.3)
+    assert len(g) == 5 and g[0] == 1.0 and g[-1] == 0.0 and abs(g[1] - 0.7) < 1e-6  # a shorter last step
+    assert len(fixed_grid(0.0, 1.0, 0.1)) == 11
+
+
+def test_a_fixed_step_solve_and_its_gradient_read_nothing_back_from_the_device():
+    """On the meta device any host read (.item(), a tensor in an if) raises: the own loop runs through, forward
+    and backward, with the MLE state; torchdiffeq's adaptive loop does not (it reads its step control)."""
+    f = field().to("meta")
+    x = torch.randn(8, 2, device="meta")
+    for derivatives in ("reverse", "forward"):
+        state = (x, *(x.new_zeros(8) for _ in INTEGRALS))
+        out = integrate_fixed(f, state, fixed_grid(1.0, 0.0, 0.25), "rk4", INTEGRALS, derivatives=derivatives)
+        sum(o.sum() for o in out).backward()
+        assert all(o.device.type == "meta" for o in out)
+    with pytest.raises(RuntimeError, match="meta"):
+        solve(f, x, 1.0, 0.0, trace="exact", method="dopri5")
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_forward_mode_derivatives_equal_reverse_mode(trace):
+    f, x = field(dim=3), torch.randn(16, 3)
+    probe = torch.randn_like(x)
+    state = (x, *(x.new_zeros(16) for _ in INTEGRALS))
+    grid = fixed_grid(1.0, 0.0, 0.5)
+    rev = integrate_fixed(f, state, grid, "midpoint", INTEGRALS, trace, probe)
+    fwd = integrate_fixed(f, state, grid, "midpoint", INTEGRALS, trace, probe, derivatives="forward")
+    same = 4 if trace == "exact" else 3  # Hutchinson's Frobenius: ‖Jε‖² forward, ‖εᵀJ‖² reverse (both unbiased)
+    for a, b in list(zip(fwd, rev, strict=True))[:same]:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiled_solve_equals_the_eager_one_with_its_gradients():
+    f, x = field(hidden=(8,)), torch.randn(16, 2)
+    losses, grads = [], []
+    for compiled in (False, "default"):
+        f.zero_grad()
+        sol = solve(
+            f, x, 1.0, 0.0, trace="exact", kinetic=True, jacobian=True, method="rk4", step_size=0.5, compile=compiled
+        )
+        loss = (sol.x.pow(2).sum(1) - sol.divergence + sol.kinetic + sol.jacobian).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in f.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_is_for_fixed_step_solves_without_the_adjoint():
+    assert solver_options(method="rk4", step_size=0.1, compile="reduce-overhead")["compile"] == "reduce-overhead"
+    for bad in (dict(method="dopri5"), dict(method="rk4", adjoint=True), dict(method="heun3")):
+        with pytest.raises(ConfigError, match="compile"):
+            solver_options(compile=True, **bad)
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        solver_options(method="rk4", compile="fast")
+    flow = Flow(field(), unit(2), (2,), solver=solver_options(method="rk4", step_size=0.1, compile=True))
+    assert flow.solve_options(method="dopri5")["compile"] is False  # an adaptive solve of a compiled run
+    assert flow.solve_options(steps=4)["compile"] is True
+
+
+# ------------------------------------------------------------------ the batch from the device's free memory
+@pytest.fixture
+def gpu_budget(monkeypatch):
+    """A fake accelerator with ``budget[0]`` bytes free: the batch fills it (at most the points asked for)."""
+    budget = [0]
+    monkeypatch.setattr(memory, "free_memory", lambda device: budget[0])
+    monkeypatch.setattr(memory, "fills", lambda device: True)
+    return budget
+
+
+def test_a_fake_budget_gives_the_batch_that_fits(gpu_budget):
+    f = field(hidden=(64, 64))
+    per = memory.bytes_per_point(f, (2,), trace=True)
+    gpu_budget[0] = 2**30
+    expected = int(memory.FRACTION * 2**30 // per)
+    assert memory.auto_batch(f, (2,), 10**9, 1000, trace=True) == expected
+    gpu_budget[0] = 2**31
+    assert memory.auto_batch(f, (2,), 10**9, 1000, trace=True) in (2 * expected, 2 * expected + 1)  # linear
+    assert memory.auto_batch(f, (2,), 500, 1000, trace=True) == 500  # never more than the points asked for
+    gpu_budget[0] = 10
+    assert memory.auto_batch(f, (2,), 500, 1000, trace=True) == 1  # at least one point
+
+
+def test_the_measured_bytes_grow_with_the_field_and_the_trace():
+    small, wide = field(hidden=(16,)), field(hidden=(256, 256))
+    assert memory.bytes_per_point(wide, (2,), trace=True) > 4 * memory.bytes_per_point(small, (2,), trace=True)
+    assert memory.bytes_per_point(wide, (2,), trace=True) > memory.bytes_per_point(wide, (2,), trace=False)
+    # the weights are not charged per point: the slope between two batch sizes excludes them
+    assert memory.bytes_per_point(wide, (2,), trace=True) < 256 * 2 * 4 * 16
+
+
+def test_log_prob_and_sample_take_the_chosen_batch_a_given_batch_wins_and_the_cpu_keeps_its_defaults(
+    gpu_budget, monkeypatch
+):
+    flow = Flow(field(), unit(2), (2,), solver=solver_options(method="rk4", step_size=0.25))
+    x = torch.randn(2500, 2)
+    sizes = []
+    real = Flow._log_prob_batch
+    monkeypatch.setattr(Flow, "_log_prob_batch", lambda self, raw, *a: sizes.append(len(raw)) or real(self, raw, *a))
+    per = memory.bytes_per_point(flow.field, (2,), trace=True)
+    gpu_budget[0] = int(700 * per / memory.FRACTION)  # room for 700 points
+    fitted = flow.log_prob(x)
+    assert sizes == [700, 700, 700, 400]
+    sizes.clear()
+    given = flow.log_prob(x, batch_size=1250)
+    assert sizes == [1250, 1250]
+    torch.testing.assert_close(fitted, given)  # fixed steps: the batch changes nothing
+    sizes.clear()
+    flow.log_prob(x, probes=2, trace="hutchinson")
+    assert sizes == [350] * 7 + [50]  # each point solved twice at once
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "free_memory", lambda device: 2**40)  # a CPU with plenty of memory: today's defaults
+    monkeypatch.setattr(Flow, "_log_prob_batch", lambda self, raw, *a: sizes.append(len(raw)) or real(self, raw, *a))
+    sizes.clear()
+    flow.log_prob(x)
+    assert sizes == [1000, 1000, 500]
+    assert memory.auto_batch(flow.field, (2,), 50_000, 10_000) == 10_000
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(300 * per / memory.FRACTION))  # a CPU short of it
+    assert memory.auto_batch(flow.field, (2,), 50_000, 1000, trace=True) == 300
+
+
+def test_sample_encode_and_decode_take_the_chosen_chunk(gpu_budget, monkeypatch):
+    import flows.flow as flow_module
+    import flows.sampling as sampling
+
+    flow = Flow(field(), unit(2), (2,), solver=solver_options(method="euler", step_size=0.5))
+    gpu_budget[0] = int(300 * memory.bytes_per_point(flow.field, (2,)) / memory.FRACTION)
+    chunks = []
+    for name in ("sample", "encode", "decode"):
+        real = getattr(sampling, name)
+        monkeypatch.setattr(flow_module, name, lambda *a, real=real, **k: chunks.append(k["chunk"]) or real(*a, **k))
+    x = flow.sample(1000)
+    flow.decode(flow.encode(x))
+    assert chunks == [300, 300, 300]
+    flow.sample(1000, chunk=64)
+    assert chunks[-1] == 64
+
+
+def test_measuring_a_field_draws_nothing_from_the_global_generator():
+    """A resumed run measures at another moment than the original did: the measurement must not move the RNG."""
+    f = field(hidden=(24,))
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    memory.bytes_per_point(f, (2,), trace=True)
+    torch.testing.assert_close(torch.rand(3), expected)
