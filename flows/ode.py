@@ -18,8 +18,20 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flows.divergence import divergence_exact, divergence_hutchinson, divergence_jvp, draw_probe
+from flows.divergence import draw_probe
+from flows.dynamics import INTEGRALS, NFE, Dynamics, augmented
 from flows.errors import ConfigError, SolverError, unknown_value
+from flows.steppers import (
+    OWN_METHODS,
+    STAGES,
+    AdaptiveStop,
+    fixed_grid,
+    fixed_step,
+    integrate_dopri5,
+    integrate_fixed,
+)
+
+OWN_SYNC_EVERY = 8  # dopri5 off the CPU: host reads every this many steps at most (sync_every=None)
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -56,6 +68,9 @@ class SolverOptions(TypedDict, total=False):
     step_size: float | None  # fixed-step methods (None: one step per output time)
     adjoint: bool  # gradients by the adjoint (O(1) memory) instead of backprop through the solver
     max_steps: int  # adaptive methods give up (with a SolverError) past this
+    sync_every: (
+        int | None
+    )  # dopri5: host reads every N steps (flows' own loop); 1: torchdiffeq's; None: 1 on a CPU, else 8
     compile: bool | str  # euler, midpoint, rk4 without the adjoint: torch.compile the whole solve (True, or a mode)
 
 
@@ -66,11 +81,9 @@ DEFAULTS: SolverOptions = {
     "step_size": None,
     "adjoint": False,
     "max_steps": 10_000,
+    "sync_every": None,
     "compile": False,
 }
-# the fixed-step methods that flows integrates itself: a loop with no host synchronization (times are Python
-# floats), which torch.compile can take whole
-OWN_METHODS = ("euler", "midpoint", "rk4")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -90,6 +103,8 @@ def solver_options(prefix: str = "", **options: Unpack[SolverOptions]) -> Solver
         raise ConfigError(f"invalid value: {p}step_size must be > 0 (got {out['step_size']}).")
     if out["max_steps"] <= 0:
         raise ConfigError(f"invalid value: {p}max_steps must be > 0 (got {out['max_steps']}).")
+    if out["sync_every"] is not None and out["sync_every"] <= 0:
+        raise ConfigError(f"invalid value: {p}sync_every must be > 0 (got {out['sync_every']}).")
     mode = out["compile"]
     if isinstance(mode, str) and mode not in COMPILE_MODES:
         unknown_value(f"{p}compile", mode, ["true", "false", *COMPILE_MODES])
@@ -110,18 +125,6 @@ def check_method(method: str, key: str = "method") -> str:
 
 
 @dataclass
-class NFE:
-    """Function evaluations; ``backward`` is complete once ``loss.backward()`` has run."""
-
-    total: int = 0
-    forward: int = 0
-
-    @property
-    def backward(self) -> int:
-        return self.total - self.forward
-
-
-@dataclass
 class Solution:
     """The result of one solve: the end state and each integral that was asked for (else None)."""
 
@@ -131,87 +134,6 @@ class Solution:
     jacobian: Tensor | None = None  # ∫_{t0}^{t1} ‖∂v/∂x‖²_F dt, (B,)
     hjb: Tensor | None = None  # ∫_{t0}^{t1} |∂ₜΦ − ½‖∇ₓΦ‖²| dt, (B,): potential fields only
     nfe: NFE = field(default_factory=NFE)
-
-
-INTEGRALS = ("divergence", "kinetic", "jacobian", "hjb")  # the order of the augmented state after x
-
-
-class Dynamics(nn.Module):
-    """Augmented dynamics ``(t, (x, *integrals)) -> (v, *their rates)`` for one solve.
-
-    Build one per solve (a Hutchinson probe is drawn once per solve). ``integrals`` names what is
-    integrated besides x, in :data:`INTEGRALS` order. A field with ``analytic_divergence`` (the
-    potential) supplies ``dynamics(x, t) -> (v, div v, ∂ₜΦ)`` itself: its divergence is exact whatever
-    ``trace`` asks for, and no probe or VJP is used. Public so that benchmarks can time one evaluation.
-    """
-
-    def __init__(
-        self,
-        field: nn.Module,
-        integrals: tuple[str, ...] = (),
-        trace: str = "exact",
-        probe: Tensor | None = None,
-        nfe: NFE | None = None,
-        context: Tensor | None = None,
-        derivatives: str = "reverse",
-    ):
-        super().__init__()
-        self.field, self.integrals, self.trace, self.probe = field, integrals, trace, probe
-        self.derivatives = derivatives
-        # a conditional field's context, one row per point (constant along the solve): v(x, t, c)
-        self.extra = () if context is None else (context,)
-        self.nfe = nfe if nfe is not None else NFE()
-        if getattr(field, "analytic_divergence", False) and context is not None:
-            raise ConfigError("a field with an analytic divergence (the potential) takes no context")
-
-    def forward(self, t: Tensor | float, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        self.nfe.total += 1
-        return augmented(self.field, t, state, self.integrals, self.trace, self.probe, self.extra, self.derivatives)
-
-
-def augmented(
-    field: nn.Module,
-    t: Tensor | float,
-    state: tuple[Tensor, ...],
-    integrals: tuple[str, ...] = (),
-    trace: str = "exact",
-    probe: Tensor | None = None,
-    extra: tuple[Tensor, ...] = (),
-    derivatives: str = "reverse",
-) -> tuple[Tensor, ...]:
-    """The rates ``(v, *integrands)`` of the augmented state at time t (a tensor, or a Python float: then no host
-    value is read, so the call can be captured or compiled). ``derivatives``: the divergence and Jacobian by
-    vector-Jacobian products (``"reverse"``; with a graph while gradients are enabled) or by Jacobian-vector
-    products (``"forward"``, :func:`divergence_jvp`: its gradient is a first-order backward, which torch.compile
-    takes)."""
-    x = state[0]
-    t = x.new_full((x.shape[0],), t) if isinstance(t, float) else t.expand(x.shape[0])
-    rates: dict[str, Tensor | None] = {}
-    if getattr(field, "analytic_divergence", False) and ("divergence" in integrals or "hjb" in integrals):
-        v, rates["divergence"], phi_t = field.dynamics(x, t)
-        if "hjb" in integrals:  # the HJB residual of Φ: ∂ₜΦ − ½‖∇ₓΦ‖², with ∇ₓΦ = −v
-            rates["hjb"] = (phi_t - 0.5 * v.pow(2).sum(1)).abs()
-    elif "divergence" not in integrals and "jacobian" not in integrals:
-        v = field(x, t, *extra)
-    elif derivatives == "forward":
-        frobenius = "jacobian" in integrals
-        v, rates["divergence"], rates["jacobian"] = divergence_jvp(
-            lambda y: field(y, t, *extra), x, probe if trace == "hutchinson" else None, frobenius
-        )
-    else:
-        create_graph = torch.is_grad_enabled()  # False while the adjoint's forward runs
-        with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            v = field(x, t, *extra)
-            frobenius = "jacobian" in integrals
-            if trace == "exact":
-                rates["divergence"], rates["jacobian"] = divergence_exact(v, x, create_graph, frobenius)
-            else:
-                rates["divergence"], rates["jacobian"] = divergence_hutchinson(v, x, probe, create_graph, frobenius)
-    if "kinetic" in integrals:
-        rates["kinetic"] = v.pow(2).flatten(1).sum(1)
-    return (v, *(rates[name] for name in integrals))
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -265,6 +187,11 @@ def solve(
         raise ConfigError(f"{len(context)} context rows for {x.shape[0]} points")
     zeros = x.new_zeros(x.shape[0])
     state = (x,) + (zeros,) * len(integrals)
+    n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
+
+    def norm(tensors: tuple[Tensor, ...]) -> Tensor:
+        return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
+
     if options["method"] in OWN_METHODS and not (options["adjoint"] and torch.is_grad_enabled()):
         if options["compile"] and analytic:
             raise ConfigError("compile: a field with an analytic divergence (the potential) is solved uncompiled")
@@ -276,107 +203,30 @@ def solve(
         nfe = (len(grid) - 1) * STAGES[options["method"]]
         return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))
     dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context)
-    n_controlled = 2 if trace is not None else 1  # x and the log-density; never the regularizers
-
-    def norm(tensors: tuple[Tensor, ...]) -> Tensor:
-        return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
+    every = options["sync_every"] or (1 if x.device.type == "cpu" else OWN_SYNC_EVERY)
+    if options["method"] == "dopri5" and every > 1 and not (options["adjoint"] and torch.is_grad_enabled()):
+        try:
+            finals, _, _ = integrate_dopri5(
+                dynamics,
+                state,
+                t0,
+                t1,
+                atol=options["atol"],
+                rtol=options["rtol"],
+                norm=norm,
+                sync_every=every,
+                max_steps=options["max_steps"],
+            )
+        except AdaptiveStop as e:
+            raise solver_error(e, options) from None
+        dynamics.nfe.forward = dynamics.nfe.total
+        return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
 
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     out = _odeint(dynamics, state, times, options, field, norm)
     dynamics.nfe.forward = dynamics.nfe.total
     finals = [o[-1] for o in out]
     return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
-
-
-THIRD = 1 / 3
-STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # field evaluations per step of each of OWN_METHODS
-
-
-def fixed_grid(t0: float, t1: float, step_size: float | None, dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
-    """The times of a fixed-step solve from t0 to t1, as torchdiffeq makes them (in ``dtype``, on the host): steps of
-    ``step_size`` with a shorter last one, or one step without a step size. Decreasing times mirror increasing ones."""
-    if step_size is None:
-        return (float(t0), float(t1))
-    sign = 1.0 if t1 >= t0 else -1.0
-    start, end = torch.tensor(sign * t0, dtype=dtype, device="cpu"), torch.tensor(sign * t1, dtype=dtype, device="cpu")
-    count = int(torch.ceil((end - start) / step_size + 1))
-    grid = torch.arange(0, count, dtype=dtype, device="cpu") * step_size + start
-    grid[-1] = end
-    return tuple(sign * float(g) for g in grid)
-
-
-def integrate_fixed(
-    field: nn.Module,
-    state: tuple[Tensor, ...],
-    grid: tuple[float, ...],
-    method: str,
-    integrals: tuple[str, ...] = (),
-    trace: str = "exact",
-    probe: Tensor | None = None,
-    extra: tuple[Tensor, ...] = (),
-    derivatives: str = "reverse",
-    compile: bool | str = False,
-) -> tuple[Tensor, ...]:
-    """The augmented state at ``grid[-1]`` by ``method`` over the steps of ``grid`` (:func:`fixed_step`). Nothing
-    is read back from the device, so on a GPU the host queues every step without waiting. ``compile``: each step
-    runs compiled (one graph per step, taking its times as tensors, so every step reuses it; forward-mode
-    derivatives, whose gradient torch.compile supports)."""
-    if not compile:
-        for a, b in zip(grid[:-1], grid[1:], strict=False):
-            state = fixed_step(field, state, a, b, method, integrals, trace, probe, extra, derivatives)
-        return state
-    step, times = _compiled(compile), state[0].new_tensor(grid)  # one copy of the times per solve
-    for i in range(len(grid) - 1):
-        state = step(field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
-    return state
-
-
-def fixed_step(
-    field: nn.Module,
-    state: tuple[Tensor, ...],
-    a: float | Tensor,
-    b: float | Tensor,
-    method: str,
-    integrals: tuple[str, ...] = (),
-    trace: str = "exact",
-    probe: Tensor | None = None,
-    extra: tuple[Tensor, ...] = (),
-    derivatives: str = "reverse",
-) -> tuple[Tensor, ...]:
-    """One step of ``method`` from time a to b: euler, midpoint, or rk4 as torchdiffeq's (the 3/8 rule)."""
-
-    def rates(t: float | Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return augmented(field, t, y, integrals, trace, probe, extra, derivatives)
-
-    dt = b - a
-    k1 = rates(a, state)
-    if method == "euler":
-        dy = tuple(dt * k for k in k1)
-    elif method == "midpoint":
-        mid = tuple(y + k * (0.5 * dt) for y, k in zip(state, k1, strict=True))
-        dy = tuple(dt * k for k in rates(a + 0.5 * dt, mid))
-    else:  # rk4: the 3/8 rule
-        k2 = rates(a + dt * THIRD, tuple(y + dt * k * THIRD for y, k in zip(state, k1, strict=True)))
-        k3 = rates(a + dt * 2 * THIRD, tuple(y + dt * (q - p * THIRD) for y, p, q in zip(state, k1, k2, strict=True)))
-        k4 = rates(b, tuple(y + dt * (p - q + r) for y, p, q, r in zip(state, k1, k2, k3, strict=True)))
-        dy = tuple((p + 3 * (q + r) + w) * dt * 0.125 for p, q, r, w in zip(k1, k2, k3, k4, strict=True))
-    return tuple(y + d for y, d in zip(state, dy, strict=True))
-
-
-def _step_forward(*args: object) -> tuple[Tensor, ...]:
-    """:func:`fixed_step` with forward-mode derivatives: the form torch.compile takes with its gradient."""
-    return fixed_step(*args, derivatives="forward")  # type: ignore[arg-type]
-
-
-_COMPILED: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
-
-
-def _compiled(mode: bool | str) -> Callable[..., tuple[Tensor, ...]]:
-    """The compiled fixed step for a torch.compile ``mode`` (True: the default mode), made once per mode."""
-    name = "default" if mode is True else str(mode)
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_step_forward, mode=None if name == "default" else name, dynamic=False)
-    return _COMPILED[name]
 
 
 def _odeint(
@@ -421,12 +271,14 @@ def solve_path(
     return path, dynamics.nfe
 
 
-def solver_error(error: AssertionError, options: SolverOptions) -> SolverError | AssertionError:
-    """Turn torchdiffeq's bare assertions into an error that says what to do."""
+def solver_error(error: Exception, options: SolverOptions) -> SolverError | Exception:
+    """Turn torchdiffeq's bare assertions (and flows' own :class:`AdaptiveStop`) into an error that says what to do."""
     text = str(error)
-    if "underflow in dt" in text:
+    if "underflow" in text:
         what = "the step size underflowed"
-    elif "max_num_steps" in text:
+    elif "non-finite" in text:
+        what = "the step size became non-finite"
+    elif "max_num_steps" in text or "max_steps" in text:
         what = f"the solver needed more than max_steps={options['max_steps']} steps (solver.max_steps in a config)"
     else:
         return error

@@ -2,6 +2,8 @@
 budget), the fixed-step solves that read nothing back from the device (equal to torchdiffeq's, and run on the
 meta device, where any host read fails), forward-mode derivatives, and the compiled solve."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -85,6 +87,7 @@ def test_forward_mode_derivatives_equal_reverse_mode(trace):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on a CPU needs a C compiler")
 def test_the_compiled_solve_equals_the_eager_one_with_its_gradients():
     f, x = field(hidden=(8,)), torch.randn(16, 2)
     losses, grads = [], []
@@ -200,3 +203,67 @@ def test_measuring_a_field_draws_nothing_from_the_global_generator():
     torch.manual_seed(3)
     memory.bytes_per_point(f, (2,), trace=True)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------ dopri5 with few host reads
+class Linear(torch.nn.Module):
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = torch.nn.Parameter(a)
+
+    def forward(self, x, t):
+        return x @ self.a.T
+
+
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0)])
+def test_own_dopri5_matches_the_matrix_exponential_and_the_trace(t0, t1):
+    a = torch.tensor([[0.3, -1.2, 0.1], [0.8, -0.2, 0.4], [0.0, 0.5, -0.6]], dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    sol = solve(Linear(a), x, t0, t1, trace="exact", atol=1e-10, rtol=1e-10, sync_every=8)
+    expected = x @ torch.linalg.matrix_exp(a * (t1 - t0)).T
+    torch.testing.assert_close(sol.x, expected, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(sol.divergence, torch.full((6,), float(a.trace()) * (t1 - t0), dtype=torch.float64))
+
+
+def test_own_dopri5_agrees_with_torchdiffeq_within_tolerance_reads_the_host_rarely_and_differentiates():
+    from flows.steppers import integrate_dopri5
+
+    f = field(hidden=(32, 32), dtype=torch.float64)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.mul_(3)  # a field with some curvature: dozens of steps
+    x = torch.randn(64, 2, dtype=torch.float64)
+    results = []
+    for every in (1, 8):  # 1: torchdiffeq's loop
+        f.zero_grad()
+        sol = solve(f, x, 1.0, 0.0, trace="exact", kinetic=True, atol=1e-8, rtol=1e-8, sync_every=every)
+        (sol.x.pow(2).sum() - sol.divergence.sum() + sol.kinetic.sum()).backward()
+        results.append((sol, torch.cat([p.grad.flatten() for p in f.parameters()])))
+    (ref, ref_grad), (own, own_grad) = results
+    torch.testing.assert_close(own.x, ref.x, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(own.divergence, ref.divergence, atol=1e-6, rtol=1e-6)
+    assert (own_grad - ref_grad).norm() <= 1e-5 * ref_grad.norm()
+    assert own.nfe.forward <= ref.nfe.forward + 6 * 8  # at most one round of masked steps after the end
+    state = (x, x.new_zeros(64))
+
+    def rates(t, y):
+        return (f(y[0], t.expand(64)), y[0].pow(2).sum(1))
+
+    def norm(ys):
+        return ys[0].pow(2).mean().sqrt()
+
+    with torch.no_grad():
+        _, nfe, reads = integrate_dopri5(rates, state, 1.0, 0.0, atol=1e-8, rtol=1e-8, norm=norm, sync_every=8)
+    steps = (nfe - 2) // 6
+    assert steps >= 16 and reads <= steps / 4  # one host read per round of up to 8 steps
+
+
+def test_own_dopri5_stops_with_the_solver_error():
+    from flows.errors import SolverError
+
+    f = field()
+    with pytest.raises(SolverError, match="max_steps=3"):
+        solve(f, torch.randn(8, 2), 1.0, 0.0, atol=1e-12, rtol=1e-12, max_steps=3, sync_every=8)
+    nan = Linear(torch.full((2, 2), float("nan")))
+    with pytest.raises(SolverError, match="non-finite"):
+        solve(nan, torch.randn(8, 2), 1.0, 0.0, sync_every=8)

@@ -32,6 +32,8 @@ CORE = {
     "flows.context",
     "flows.flowfile",
     "flows.memory",
+    "flows.dynamics",
+    "flows.steppers",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}
 
