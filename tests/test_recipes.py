@@ -47,7 +47,7 @@ def test_the_gpu_recipes_apply_their_cuda_section_on_cuda_only():
     toy_cpu, toy_cuda = load_config(TOY_MLE, device="cpu"), load_config(TOY_MLE, device="cuda")
     assert (toy_cpu.solver.method, toy_cpu.solver.compile, toy_cpu.train.batch_size) == ("dopri5", False, 256)
     s = toy_cuda.solver
-    assert (s.method, s.step_size, s.compile, s.adjoint, toy_cuda.train.batch_size) == ("rk4", 0.05, True, False, 1024)
+    assert (s.method, s.step_size, s.compile, s.adjoint, toy_cuda.train.batch_size) == ("rk4", 0.1, True, False, 1024)
     assert load_config(TOY_MLE, device="mps") == load_config(TOY_MLE, device="cpu")  # no section: the file
 
 
