@@ -66,6 +66,9 @@ class SolverConfig:
     # euler, midpoint or rk4 without the adjoint: torch.compile the whole fixed-step solve (true, or a
     # torch.compile mode such as reduce-overhead)
     compile: bool | str = False
+    # euler, midpoint or rk4 without the adjoint: keep one step's graph, recompute it in the backward (memory of
+    # one step for one more forward per step)
+    checkpoint: bool = False
     # dopri5 without the adjoint: flows' own loop reads the step control back every this many steps (1:
     # torchdiffeq's loop, every step); null: 1 on a CPU (as before), 8 on a GPU
     sync_every: int | None = None

@@ -71,7 +71,8 @@ class SolverOptions(TypedDict, total=False):
     sync_every: (
         int | None
     )  # dopri5: host reads every N steps (flows' own loop); 1: torchdiffeq's; None: 1 on a CPU, else 8
-    compile: bool | str  # euler, midpoint, rk4 without the adjoint: torch.compile the whole solve (True, or a mode)
+    compile: bool | str  # euler, midpoint, rk4 without the adjoint: torch.compile each step (True, or a mode)
+    checkpoint: bool  # euler, midpoint, rk4 without the adjoint: recompute each step's graph in the backward
 
 
 DEFAULTS: SolverOptions = {
@@ -83,6 +84,7 @@ DEFAULTS: SolverOptions = {
     "max_steps": 10_000,
     "sync_every": None,
     "compile": False,
+    "checkpoint": False,
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -105,6 +107,11 @@ def solver_options(prefix: str = "", **options: Unpack[SolverOptions]) -> Solver
         raise ConfigError(f"invalid value: {p}max_steps must be > 0 (got {out['max_steps']}).")
     if out["sync_every"] is not None and out["sync_every"] <= 0:
         raise ConfigError(f"invalid value: {p}sync_every must be > 0 (got {out['sync_every']}).")
+    if out["checkpoint"] and (out["method"] not in OWN_METHODS or out["adjoint"]):
+        raise ConfigError(
+            f"invalid value: {p}checkpoint keeps one step's graph of a fixed-step solve: it needs {p}method in "
+            f"{', '.join(OWN_METHODS)} and {p}adjoint=false (the adjoint keeps none at all)."
+        )
     mode = out["compile"]
     if isinstance(mode, str) and mode not in COMPILE_MODES:
         unknown_value(f"{p}compile", mode, ["true", "false", *COMPILE_MODES])
@@ -193,12 +200,23 @@ def solve(
         return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
 
     if options["method"] in OWN_METHODS and not (options["adjoint"] and torch.is_grad_enabled()):
-        if options["compile"] and analytic:
-            raise ConfigError("compile: a field with an analytic divergence (the potential) is solved uncompiled")
+        if (options["compile"] or options["checkpoint"]) and analytic:
+            raise ConfigError(
+                "compile and checkpoint: a field with an analytic divergence (the potential) is solved without them"
+            )
         grid = fixed_grid(t0, t1, options["step_size"], x.dtype)
         extra = () if context is None else (context,)
         finals = integrate_fixed(
-            field, state, grid, options["method"], integrals, trace or "exact", eps, extra, compile=options["compile"]
+            field,
+            state,
+            grid,
+            options["method"],
+            integrals,
+            trace or "exact",
+            eps,
+            extra,
+            compile=options["compile"],
+            checkpoint=options["checkpoint"],
         )
         nfe = (len(grid) - 1) * STAGES[options["method"]]
         return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))

@@ -9,10 +9,12 @@ reject on the device and asks the host whether it is done once every ``sync_ever
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flows.dynamics import augmented
@@ -48,18 +50,25 @@ def integrate_fixed(
     extra: tuple[Tensor, ...] = (),
     derivatives: str = "reverse",
     compile: bool | str = False,
+    checkpoint: bool = False,
 ) -> tuple[Tensor, ...]:
     """The augmented state at ``grid[-1]`` by ``method`` over the steps of ``grid`` (:func:`fixed_step`). Nothing
-    is read back from the device, so on a GPU the host queues every step without waiting. ``compile``: each step
-    runs compiled (one graph per step, taking its times as tensors, so every step reuses it; forward-mode
-    derivatives, whose gradient torch.compile supports)."""
-    if not compile:
-        for a, b in zip(grid[:-1], grid[1:], strict=False):
-            state = fixed_step(field, state, a, b, method, integrals, trace, probe, extra, derivatives)
-        return state
-    step, times = _compiled(compile), state[0].new_tensor(grid)  # one copy of the times per solve
+    is read back from the device, so on a GPU the host queues every step without waiting.
+
+    ``compile``: each step runs compiled (one graph taking its times as tensors, so every step reuses it).
+    ``checkpoint``: while gradients are on, only the states between steps are kept and each step's graph is
+    recomputed in the backward (``torch.utils.checkpoint``): the memory of one step instead of all of them, for
+    one more forward per step. Both take the derivatives in forward mode, whose gradient is first order."""
+    forward = bool(compile) or checkpoint
+    kind = "forward" if forward else derivatives
+    step = _compiled(compile) if compile else functools.partial(fixed_step, derivatives=kind)
+    times = state[0].new_tensor(grid) if compile else grid  # compiled: tensors, one copy of the times per solve
+    keep = checkpoint and torch.is_grad_enabled()
+    if compile and torch.is_grad_enabled():  # every step sees states that require grad: one graph, not two
+        state = tuple(s if s.requires_grad else s.detach().requires_grad_(True) for s in state)
     for i in range(len(grid) - 1):
-        state = step(field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
+        args = (field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
+        state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False) if keep else step(*args)
     return state
 
 
@@ -107,6 +116,11 @@ def _compiled(mode: bool | str) -> Callable[..., tuple[Tensor, ...]]:
     """The compiled fixed step for a torch.compile ``mode`` (True: the default mode), made once per mode."""
     name = "default" if mode is True else str(mode)
     if name not in _COMPILED:
+        # every compiled solve of a process shares dynamo's cache (a field, a batch shape and the settings each
+        # make a graph): 8 entries, torch's default, would silently send the ninth setting back to eager
+        config = torch._dynamo.config
+        key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, key, max(getattr(config, key), 64))
         _COMPILED[name] = torch.compile(_step_forward, mode=None if name == "default" else name, dynamic=False)
     return _COMPILED[name]
 

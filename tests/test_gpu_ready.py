@@ -267,3 +267,78 @@ def test_own_dopri5_stops_with_the_solver_error():
     nan = Linear(torch.full((2, 2), float("nan")))
     with pytest.raises(SolverError, match="non-finite"):
         solve(nan, torch.randn(8, 2), 1.0, 0.0, sync_every=8)
+
+
+def test_a_checkpointed_solve_has_the_same_gradients_and_keeps_one_steps_graph():
+    f, x = field(hidden=(32, 32)), torch.randn(64, 2)
+    saved, grads = [], []
+    for checkpoint in (False, True):
+        f.zero_grad()
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sol = solve(
+                f,
+                x,
+                1.0,
+                0.0,
+                trace="exact",
+                kinetic=True,
+                jacobian=True,
+                method="rk4",
+                step_size=0.1,
+                adjoint=False,
+                checkpoint=checkpoint,
+            )
+        (sol.x.pow(2).sum() - sol.divergence.sum() + sol.kinetic.sum() + sol.jacobian.sum()).backward()
+        saved.append(total[0])
+        grads.append([p.grad.clone() for p in f.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    assert saved[1] < saved[0] / 5  # the graphs of 10 steps, against the states between them
+    with pytest.raises(ConfigError, match="checkpoint"):
+        solver_options(method="dopri5", checkpoint=True)
+
+
+def test_the_unets_plain_group_norm_equals_torchs():
+    from flows.nn.unet import group_norm_plain
+
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 8, 5, 7) * 3 + 1
+    torch.testing.assert_close(group_norm_plain(x, 4, norm.weight, norm.bias, norm.eps), norm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on a CPU needs a C compiler")
+def test_a_compiled_and_checkpointed_unet_likelihood_solve_equals_the_eager_one():
+    from flows.nn.unet import TimeUNet
+
+    torch.manual_seed(0)
+    f, x = TimeUNet((1, 8, 8), 8, (1, 2), 1, (4,), 4), torch.randn(4, 1, 8, 8)
+    results = []
+    for opts in (dict(), dict(compile=True, checkpoint=True)):
+        f.zero_grad()
+        gen = torch.Generator().manual_seed(0)
+        sol = solve(
+            f,
+            x,
+            1.0,
+            0.0,
+            trace="hutchinson",
+            kinetic=True,
+            method="rk4",
+            step_size=0.5,
+            generator=gen,
+            adjoint=False,
+            **opts,
+        )
+        (sol.x.pow(2).sum() - sol.divergence.sum() + sol.kinetic.sum()).backward()
+        results.append((sol.divergence.detach(), torch.cat([p.grad.flatten() for p in f.parameters()])))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+    assert (results[1][1] - results[0][1]).norm() <= 1e-4 * results[0][1].norm()

@@ -33,13 +33,32 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def group_norm_plain(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.group_norm`` in plain operations (a mean and a variance per sample and group)."""
+    g = x.reshape(x.shape[0], groups, -1)
+    var, mean = torch.var_mean(g, dim=-1, keepdim=True, correction=0)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape) * weight.view(shape) + bias.view(shape)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same numbers to rounding); inside torch.compile it is written out in plain
+    operations, because torch.compile fails to differentiate the fused kernel in forward mode, which a compiled
+    maximum-likelihood solve uses for its divergence (Jacobian-vector products)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return group_norm_plain(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, d_time: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.time = nn.Linear(d_time, 2 * c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = GroupNorm(groups, c_out)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -54,7 +73,7 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int, heads: int = 1):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -126,7 +145,7 @@ class TimeUNet(nn.Module):
                 c = width
             self.up.append(Level(pairs, d_time, groups, resolutions[i] in attention_resolutions))
             self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
-        self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         temb = self.time_mlp(self.time(time_rows(t, x.shape[0], x.dtype)))  # (1, d) when t is shared
