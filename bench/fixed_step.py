@@ -26,7 +26,9 @@ ROWS = {
     "dopri5": [],  # the shipped recipe: dopri5, atol = rtol = 1e-4, direct backprop
     "rk4": ["solver.method=rk4", "solver.step_size=0.05"],
     "rk4-compiled": ["solver.method=rk4", "solver.step_size=0.05", "solver.compile={mode}"],
+    "rk4-10": ["solver.method=rk4", "solver.step_size=0.1"],
     "rk4-10-compiled": ["solver.method=rk4", "solver.step_size=0.1", "solver.compile={mode}"],
+    "dopri5-sync8": ["solver.sync_every=8"],  # flows' own dopri5, one host read per round of up to 8 steps
 }
 
 

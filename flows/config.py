@@ -473,6 +473,16 @@ def device_notice(device: str, applied: Mapping[str, Any], note: str | None = No
     return f"{line}. {note}" if note else line
 
 
+def _solver_chosen(key: str, user: list[str]) -> bool:
+    """Whether a devices-section ``key`` of a solver (``solver.*``, ``eval.solver.*``) gives way because the user
+    chose that solver's method or adjoint: the section's solver is one package (method, step, compile), so
+    ``solver.method=dopri5`` on the command line also drops the section's ``solver.compile``."""
+    for solver in ("solver", "eval.solver"):
+        if key.startswith(solver + ".") and any(u in (solver, f"{solver}.method", f"{solver}.adjoint") for u in user):
+            return True
+    return False
+
+
 def load_config(
     path: str | Path | dict[str, Any] | Config | None = None,
     overrides: typing.Sequence[str] = (),
@@ -505,6 +515,8 @@ def load_config(
             data = _merge(data, {"devices": updates.pop("devices")})
         parsed = [p for p in parsed if p[1][0] != "devices"]
         section = dict(_device_sections(data.pop("devices", None), data).get(device, {}))
+        user = [".".join(keys) for _, keys, _ in parsed] + list(_flatten(updates))
+        section = {k: v for k, v in section.items() if not _solver_chosen(k, user)}
         for key, value in section.items():
             if key != "notice":
                 _set(data, key.split("."), value, f"devices.{device}.{key}")

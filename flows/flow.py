@@ -139,8 +139,10 @@ class Flow:
             changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
         if compile is not None:
             changes["compile"] = compile
-        elif changes.get("method", base["method"]) not in OWN_METHODS:
-            changes["compile"] = False
+        elif changes.get("method", base["method"]) not in OWN_METHODS or getattr(self.field, "analytic_divergence", 0):
+            changes["compile"] = False  # a compiled or checkpointed run's flow, solved adaptively (or a potential)
+        if changes.get("method", base["method"]) not in OWN_METHODS or getattr(self.field, "analytic_divergence", 0):
+            changes["checkpoint"] = False
         return solver_options(**{**base, **changes, "adjoint": False})  # checks method, atol and rtol
 
     # ------------------------------------------------------------------ data units <-> model space
@@ -395,6 +397,9 @@ class Flow:
             )
             context = self.context.model(some.to(self.device))
         copies = opts["probes"] * opts["deq_samples"]
+        solver = opts["solver"]
+        if opts["trace"] == "exact" and (solver.get("compile") or solver.get("checkpoint")):
+            copies *= self.dim  # forward mode: the D Jacobian columns are one vmapped batch of D copies
         return self.batch(n, default, trace=True, context=context, copies=copies)
 
     def log_prob_options(

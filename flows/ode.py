@@ -295,7 +295,7 @@ def solver_error(error: Exception, options: SolverOptions) -> SolverError | Exce
     if "underflow" in text:
         what = "the step size underflowed"
     elif "non-finite" in text:
-        what = "the step size became non-finite"
+        what = "the state or the step size became non-finite"
     elif "max_num_steps" in text or "max_steps" in text:
         what = f"the solver needed more than max_steps={options['max_steps']} steps (solver.max_steps in a config)"
     else:

@@ -62,7 +62,7 @@ def integrate_fixed(
     forward = bool(compile) or checkpoint
     kind = "forward" if forward else derivatives
     step = _compiled(compile) if compile else functools.partial(fixed_step, derivatives=kind)
-    times = state[0].new_tensor(grid) if compile else grid  # compiled: tensors, one copy of the times per solve
+    times = _times(grid, state[0]) if compile else grid  # compiled: the times as tensors (inputs, not constants)
     keep = checkpoint and torch.is_grad_enabled()
     if compile and torch.is_grad_enabled():  # every step sees states that require grad: one graph, not two
         state = tuple(s if s.requires_grad else s.detach().requires_grad_(True) for s in state)
@@ -70,6 +70,19 @@ def integrate_fixed(
         args = (field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
         state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False) if keep else step(*args)
     return state
+
+
+_TIMES: dict[tuple, Tensor] = {}
+
+
+def _times(grid: tuple[float, ...], like: Tensor) -> Tensor:
+    """The grid as a tensor on ``like``'s device and dtype, made once (a copy from the host waits for the device)."""
+    key = (grid, like.device, like.dtype)
+    if key not in _TIMES:
+        if len(_TIMES) > 64:
+            _TIMES.clear()
+        _TIMES[key] = torch.tensor(grid, dtype=like.dtype, device=like.device)
+    return _TIMES[key]
 
 
 def fixed_step(
@@ -231,8 +244,11 @@ def integrate_dopri5(
             k1 = tuple(torch.where(accept, a, b) for a, b in zip(k7, k1, strict=True))
             done = done | (accept & last)
             nfe, steps = nfe + 6, steps + 1
-        at, step, finished = torch.stack([s, dt, done.double()]).tolist()  # the round's one host read
+        finite = torch.stack([torch.isfinite(yi).all() for yi in y]).all()  # the integrals too, as torchdiffeq
+        at, step, finished, ok = torch.stack([s, dt, done.double(), finite.double()]).tolist()  # the one host read
         reads += 1
+        if not ok:
+            raise AdaptiveStop("non-finite")
         if finished:
             return y, nfe, reads
         if steps >= max_steps:

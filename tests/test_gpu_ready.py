@@ -342,3 +342,30 @@ def test_a_compiled_and_checkpointed_unet_likelihood_solve_equals_the_eager_one(
         results.append((sol.divergence.detach(), torch.cat([p.grad.flatten() for p in f.parameters()])))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     assert (results[1][1] - results[0][1]).norm() <= 1e-4 * results[0][1].norm()
+
+
+def test_review_mends_solver_flags_forward_mode_batches_and_a_non_finite_integral(gpu_budget):
+    from flows.errors import SolverError
+    from flows.nn.unet import group_norm_plain
+    from flows.steppers import integrate_dopri5
+
+    flow = Flow(field(), unit(2), (2,), solver=solver_options(method="rk4", step_size=0.1, checkpoint=True))
+    assert flow.solve_options(method="dopri5")["checkpoint"] is False  # a checkpointed run's flow, solved adaptively
+    gpu_budget[0] = 2**30
+    eager = Flow(flow.field, unit(2), (2,), solver=solver_options(method="rk4", step_size=0.1))
+    plain = eager.log_prob_batch(10**9, eager.log_prob_options("exact"))
+    forward = flow.log_prob_batch(10**9, flow.log_prob_options("exact"))  # the flow's own solver: checkpointed
+    assert forward in (plain // 2, plain // 2 + 1)  # the D = 2 vmapped Jacobian columns are counted
+    norm = torch.nn.GroupNorm(2, 4)
+    x = torch.randn(3, 4, 5, 5) + 20
+    out = group_norm_plain(x.bfloat16(), 2, norm.weight, norm.bias, norm.eps)
+    assert out.dtype == torch.float32  # as the fused kernel under autocast
+    torch.testing.assert_close(out, norm(x.bfloat16().float()), atol=1e-4, rtol=1e-4)
+    x = torch.randn(8, 2)
+
+    def rates(t, y):
+        return (-y[0], torch.full_like(y[1], float("nan")))
+
+    with pytest.raises(Exception, match="non-finite"):
+        integrate_dopri5(rates, (x, x.new_zeros(8)), 0.0, 1.0, atol=1e-5, rtol=1e-5, norm=lambda ys: ys[0].norm())
+    assert issubclass(SolverError, Exception)

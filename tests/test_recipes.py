@@ -200,3 +200,17 @@ def test_a_run_applies_the_section_of_its_device_and_saves_the_result(tmp_path, 
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice: devices")]
     applied = f"notice: devices.{device} applied: train.steps=2 eval.batch_size=16 (give a key on the command line"
     assert notices == [f"{applied} to change it)"]  # train.lr: the caller's
+
+
+def test_choosing_a_solver_on_the_command_line_drops_the_sections_solver():
+    """The default's GPU section compiles rk4; solver.method=dopri5 or solver.adjoint=true must not then fail on the
+    section's leftover solver.compile, while other keys of the section still apply."""
+    for override, method, adjoint in (
+        ("solver.adjoint=true", "dopri5", True),
+        ("solver.method=dopri5", "dopri5", False),
+    ):
+        cfg = load_config(str(ROOT / "configs" / "toy2d_mle.yaml"), [override], device="cuda")
+        assert (cfg.solver.method, cfg.solver.adjoint, cfg.solver.compile) == (method, adjoint, False)
+        assert cfg.train.batch_size == 1024
+    kept = load_config(str(ROOT / "configs" / "toy2d_mle.yaml"), ["solver.atol=1e-3"], device="cuda")
+    assert (kept.solver.method, kept.solver.compile, kept.solver.atol) == ("rk4", True, 1e-3)

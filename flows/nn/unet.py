@@ -34,11 +34,14 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 def group_norm_plain(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``F.group_norm`` in plain operations (a mean and a variance per sample and group)."""
-    g = x.reshape(x.shape[0], groups, -1)
+    """``F.group_norm`` in plain operations (a mean and a variance per sample and group), in float32 at least, as
+    the fused kernel runs under autocast (a bf16 variance of large activations loses its digits)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    g = x.to(dtype).reshape(x.shape[0], groups, -1)
     var, mean = torch.var_mean(g, dim=-1, keepdim=True, correction=0)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    return ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape) * weight.view(shape) + bias.view(shape)
+    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    return y * weight.to(dtype).view(shape) + bias.to(dtype).view(shape)
 
 
 class GroupNorm(nn.GroupNorm):
