@@ -28,6 +28,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float)
     p.add_argument("--rtol", type=float)
     p.add_argument("--steps", type=int, help="fixed-step methods (euler, midpoint, rk4): number of steps")
+    p.add_argument(
+        "--compile", action="store_true", help="with --steps: compile the fixed step (torch.compile; a GPU's friend)"
+    )
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--trajectories", type=int, default=0, metavar="K", help="also save K sample paths (and a picture)")
     p.add_argument(
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
-        solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)
+        solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps, compile=args.compile or None)
         model.solve_options(**solve)  # bad values: an error before any work
         args.given = context_of(args, model)  # bad labels or contexts: an error before any work
         model.guided_field(args.guidance)
