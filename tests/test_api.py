@@ -101,7 +101,7 @@ def test_bad_arguments_are_clear_errors(runs):
     with pytest.raises(ConfigError, match="Did you mean 'dopri5'"):
         model.sample(4, method="dopri55")
     with pytest.raises(ConfigError, match="compile compiles a fixed-step solve"):  # sample.py --compile without --steps
-        model.sample(4, compile=True)
+        model.sample(4, method="dopri5", compile=True)
     with pytest.raises(FlowsError, match="trace must be"):
         model.log_prob(torch.zeros(2, 2), trace="hutch")
     with pytest.raises(FlowsError, match=r"expected a batch of shape \(N, 2\)"):
