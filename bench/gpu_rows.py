@@ -21,7 +21,7 @@ from common import ROOT
 from flows.config import Config, load_config
 from flows.data import build_data
 from flows.nn import build_field
-from flows.ode import augmented
+from flows.ode import Dynamics
 from flows.training import Trainer
 
 QUICK_UNET = (  # --quick: a U-Net a CPU steps through in well under a second at batch 8
@@ -349,7 +349,7 @@ def evaluation_seconds(cfg: Any, device: torch.device, batch: int) -> dict[str, 
     zeros = (x.new_zeros(batch),) * len(integrals)
 
     def dynamics(mode: str, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return augmented(net, 0.5, (y, *zeros), integrals, "hutchinson", probe, (), mode)
+        return Dynamics(net, integrals, "hutchinson", probe, derivatives=mode).rates(0.5, (y, *zeros))
 
     def backward(mode: str) -> None:
         with torch.enable_grad():

@@ -507,6 +507,7 @@ def load_config(
     parsed = [(text, *_parse_override(text)) for text in overrides]
     updates = dict(updates or {})
     section: dict[str, Any] = {}
+    user: list[str] = []  # the dotted keys the caller sets: a devices section never overrides them
     if device is not None:  # the caller's own changes to the sections first, then the section, under the rest
         for text, keys, value in parsed:
             if keys[0] == "devices":
@@ -532,7 +533,6 @@ def load_config(
             ) from None
         raise
     if notice and device is not None:
-        user = [".".join(keys) for _, keys, _ in parsed] + list(_flatten(updates))
         values = to_dict(cfg)
         applied = {
             k: _lookup(values, k, v)

@@ -137,12 +137,12 @@ class Flow:
                 raise FlowsError(f"steps must be positive (got {steps})")
             changes["step_size"] = 1.0 / steps
             changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
+        # a compiled or checkpointed run's flow solved adaptively (or a potential field) drops both
+        own = changes.get("method", base["method"]) in OWN_METHODS and not getattr(self.field, "analytic_divergence", 0)
+        if not own:
+            changes |= {"compile": False, "checkpoint": False}
         if compile is not None:
             changes["compile"] = compile
-        elif changes.get("method", base["method"]) not in OWN_METHODS or getattr(self.field, "analytic_divergence", 0):
-            changes["compile"] = False  # a compiled or checkpointed run's flow, solved adaptively (or a potential)
-        if changes.get("method", base["method"]) not in OWN_METHODS or getattr(self.field, "analytic_divergence", 0):
-            changes["checkpoint"] = False
         return solver_options(**{**base, **changes, "adjoint": False})  # checks method, atol and rtol
 
     # ------------------------------------------------------------------ data units <-> model space
@@ -390,11 +390,7 @@ class Flow:
         """Points per solve of :meth:`log_prob` on ``n`` points with ``opts`` (:meth:`log_prob_options`): what fits in
         the device's free memory, ``default`` on a CPU. ``context``: their contexts (data units), if any."""
         if self.context is not None:  # a context row to measure with (a label for the marginal's solves)
-            some = (
-                context[:1].to(self.device)
-                if context is not None
-                else torch.zeros(1, dtype=torch.long, device=self.device)
-            )
+            some = context[:1] if context is not None else torch.zeros(1, dtype=torch.long, device=self.device)
             context = self.context.model(some.to(self.device))
         copies = opts["probes"] * opts["deq_samples"]
         solver = opts["solver"]

@@ -88,12 +88,12 @@ def bytes_per_point(
     divergence's vector-Jacobian products; the largest activation (a few times, for the backward's buffers and the
     forward's temporaries); and :data:`SOLVER_COPIES` copies of the state. Measured once per field and setting.
     ``context``: rows of the field's context (model space); the first is used."""
-    key = (tuple(shape), trace, None if context is None else (tuple(context.shape[1:]), context.dtype))
+    param = next(iter(field.parameters()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    device = param.device if param is not None else torch.device("cpu")
+    key = (tuple(shape), trace, dtype, None if context is None else (tuple(context.shape[1:]), context.dtype))
     cache = _CACHE.setdefault(field, {})
     if key not in cache:
-        param = next(iter(field.parameters()), None)
-        dtype = param.dtype if param is not None else torch.get_default_dtype()
-        device = param.device if param is not None else torch.device("cpu")
         sizes, found = (2, 6), []
         for n in sizes:
             x = torch.full((n, *shape), 0.5, dtype=dtype, device=device)  # no draw: the global RNG stays as it was

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from flows.divergence import draw_probe
-from flows.dynamics import INTEGRALS, NFE, Dynamics, augmented
+from flows.dynamics import INTEGRALS, NFE, Dynamics
 from flows.errors import ConfigError, SolverError, unknown_value
 from flows.steppers import (
     OWN_METHODS,
@@ -44,7 +44,6 @@ __all__ = [
     "NFE",
     "Solution",
     "Dynamics",
-    "augmented",
     "fixed_grid",
     "integrate_fixed",
     "fixed_step",
@@ -205,18 +204,11 @@ def solve(
                 "compile and checkpoint: a field with an analytic divergence (the potential) is solved without them"
             )
         grid = fixed_grid(t0, t1, options["step_size"], x.dtype)
-        extra = () if context is None else (context,)
+        forward = options["compile"] or options["checkpoint"]  # their gradients must be first order
+        derivatives = "forward" if forward else "reverse"
+        dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context, derivatives=derivatives)
         finals = integrate_fixed(
-            field,
-            state,
-            grid,
-            options["method"],
-            integrals,
-            trace or "exact",
-            eps,
-            extra,
-            compile=options["compile"],
-            checkpoint=options["checkpoint"],
+            dynamics, state, grid, options["method"], compile=options["compile"], checkpoint=options["checkpoint"]
         )
         nfe = (len(grid) - 1) * STAGES[options["method"]]
         return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))

@@ -33,7 +33,7 @@ def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int | None, size:
     ``chunk``: points per solve (None: what fits in the device's memory, 10,000 on a CPU). ``solver``: ``method``,
     ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
     points, extent = grid(reference, size)
-    chunk = chunk or flow.batch(len(points), 10_000, trace=True)
+    chunk = chunk or flow.log_prob_batch(len(points), flow.log_prob_options("exact", **solver), default=10_000)
     lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, **solver)
     return lp.cpu().numpy(), extent
 

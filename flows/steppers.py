@@ -9,17 +9,17 @@ reject on the device and asks the host whether it is done once every ``sync_ever
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
-from torch import Tensor, nn
+from torch import Tensor
 
-from flows.dynamics import augmented
+from flows.dynamics import Dynamics
+from flows.errors import ConfigError
 
-__all__ = ["OWN_METHODS", "STAGES", "fixed_grid", "integrate_fixed", "fixed_step"]
+__all__ = ["OWN_METHODS", "STAGES", "AdaptiveStop", "fixed_grid", "integrate_fixed", "fixed_step", "integrate_dopri5"]
 
 OWN_METHODS = ("euler", "midpoint", "rk4")
 THIRD = 1 / 3
@@ -40,15 +40,10 @@ def fixed_grid(t0: float, t1: float, step_size: float | None, dtype: torch.dtype
 
 
 def integrate_fixed(
-    field: nn.Module,
+    dynamics: Dynamics,
     state: tuple[Tensor, ...],
     grid: tuple[float, ...],
     method: str,
-    integrals: tuple[str, ...] = (),
-    trace: str = "exact",
-    probe: Tensor | None = None,
-    extra: tuple[Tensor, ...] = (),
-    derivatives: str = "reverse",
     compile: bool | str = False,
     checkpoint: bool = False,
 ) -> tuple[Tensor, ...]:
@@ -58,16 +53,17 @@ def integrate_fixed(
     ``compile``: each step runs compiled (one graph taking its times as tensors, so every step reuses it).
     ``checkpoint``: while gradients are on, only the states between steps are kept and each step's graph is
     recomputed in the backward (``torch.utils.checkpoint``): the memory of one step instead of all of them, for
-    one more forward per step. Both take the derivatives in forward mode, whose gradient is first order."""
-    forward = bool(compile) or checkpoint
-    kind = "forward" if forward else derivatives
-    step = _compiled(compile) if compile else functools.partial(fixed_step, derivatives=kind)
+    one more forward per step. Both need ``dynamics`` in forward mode (``derivatives="forward"``), whose gradient
+    is a first-order backward."""
+    if (compile or checkpoint) and dynamics.derivatives != "forward":
+        raise ConfigError("compile and checkpoint need forward-mode derivatives: Dynamics(..., derivatives='forward')")
+    step = _compiled(compile) if compile else fixed_step
     times = _times(grid, state[0]) if compile else grid  # compiled: the times as tensors (inputs, not constants)
     keep = checkpoint and torch.is_grad_enabled()
     if compile and torch.is_grad_enabled():  # every step sees states that require grad: one graph, not two
         state = tuple(s if s.requires_grad else s.detach().requires_grad_(True) for s in state)
     for i in range(len(grid) - 1):
-        args = (field, state, times[i], times[i + 1], method, integrals, trace, probe, extra)
+        args = (dynamics, state, times[i], times[i + 1], method)
         state = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False) if keep else step(*args)
     return state
 
@@ -86,22 +82,10 @@ def _times(grid: tuple[float, ...], like: Tensor) -> Tensor:
 
 
 def fixed_step(
-    field: nn.Module,
-    state: tuple[Tensor, ...],
-    a: float | Tensor,
-    b: float | Tensor,
-    method: str,
-    integrals: tuple[str, ...] = (),
-    trace: str = "exact",
-    probe: Tensor | None = None,
-    extra: tuple[Tensor, ...] = (),
-    derivatives: str = "reverse",
+    dynamics: Dynamics, state: tuple[Tensor, ...], a: float | Tensor, b: float | Tensor, method: str
 ) -> tuple[Tensor, ...]:
     """One step of ``method`` from time a to b: euler, midpoint, or rk4 as torchdiffeq's (the 3/8 rule)."""
-
-    def rates(t: float | Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return augmented(field, t, y, integrals, trace, probe, extra, derivatives)
-
+    rates = dynamics.rates
     dt = b - a
     k1 = rates(a, state)
     if method == "euler":
@@ -117,11 +101,6 @@ def fixed_step(
     return tuple(y + d for y, d in zip(state, dy, strict=True))
 
 
-def _step_forward(*args: object) -> tuple[Tensor, ...]:
-    """:func:`fixed_step` with forward-mode derivatives: the form torch.compile takes with its gradient."""
-    return fixed_step(*args, derivatives="forward")  # type: ignore[arg-type]
-
-
 _COMPILED: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
 
 
@@ -134,7 +113,8 @@ def _compiled(mode: bool | str) -> Callable[..., tuple[Tensor, ...]]:
         config = torch._dynamo.config
         key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, key, max(getattr(config, key), 64))
-        _COMPILED[name] = torch.compile(_step_forward, mode=None if name == "default" else name, dynamic=False)
+        # a new Dynamics per solve needs no new graph: dynamo guards its attributes, not its identity
+        _COMPILED[name] = torch.compile(fixed_step, mode=None if name == "default" else name, dynamic=False)
     return _COMPILED[name]
 
 

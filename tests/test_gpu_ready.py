@@ -11,7 +11,7 @@ import flows.memory as memory
 from flows.errors import ConfigError
 from flows.flow import Flow
 from flows.nn import TimeMLP
-from flows.ode import OWN_METHODS, fixed_grid, integrate_fixed, solve, solver_options
+from flows.ode import OWN_METHODS, Dynamics, fixed_grid, integrate_fixed, solve, solver_options
 from flows.preprocess import Preprocess
 
 INTEGRALS = ("divergence", "kinetic", "jacobian")
@@ -67,7 +67,8 @@ def test_a_fixed_step_solve_and_its_gradient_read_nothing_back_from_the_device()
     x = torch.randn(8, 2, device="meta")
     for derivatives in ("reverse", "forward"):
         state = (x, *(x.new_zeros(8) for _ in INTEGRALS))
-        out = integrate_fixed(f, state, fixed_grid(1.0, 0.0, 0.25), "rk4", INTEGRALS, derivatives=derivatives)
+        dynamics = Dynamics(f, INTEGRALS, derivatives=derivatives)
+        out = integrate_fixed(dynamics, state, fixed_grid(1.0, 0.0, 0.25), "rk4")
         sum(o.sum() for o in out).backward()
         assert all(o.device.type == "meta" for o in out)
     with pytest.raises(RuntimeError, match="meta"):
@@ -80,8 +81,8 @@ def test_forward_mode_derivatives_equal_reverse_mode(trace):
     probe = torch.randn_like(x)
     state = (x, *(x.new_zeros(16) for _ in INTEGRALS))
     grid = fixed_grid(1.0, 0.0, 0.5)
-    rev = integrate_fixed(f, state, grid, "midpoint", INTEGRALS, trace, probe)
-    fwd = integrate_fixed(f, state, grid, "midpoint", INTEGRALS, trace, probe, derivatives="forward")
+    rev = integrate_fixed(Dynamics(f, INTEGRALS, trace, probe), state, grid, "midpoint")
+    fwd = integrate_fixed(Dynamics(f, INTEGRALS, trace, probe, derivatives="forward"), state, grid, "midpoint")
     same = 4 if trace == "exact" else 3  # Hutchinson's Frobenius: ‖Jε‖² forward, ‖εᵀJ‖² reverse (both unbiased)
     for a, b in list(zip(fwd, rev, strict=True))[:same]:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
