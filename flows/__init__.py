@@ -26,6 +26,8 @@ __all__ = [
     "Run",
     "load",
     "train",
+    "infer",
+    "calibrate",
     "Config",
     "load_config",
     "FlowsError",
@@ -41,6 +43,8 @@ _APPLICATION = {
     "Run": "flows.api",
     "load": "flows.api",
     "train": "flows.api",
+    "infer": "flows.inference",
+    "calibrate": "flows.calibration",
     "Config": "flows.config",
     "load_config": "flows.config",
 }

@@ -19,36 +19,11 @@ from typing import Any
 import torch
 
 from flows.config import Config, load_config
-from flows.errors import CheckpointError, ConfigError
+from flows.errors import ConfigError
 from flows.flow import Flow
-from flows.flowfile import read
-from flows.mixture import Mixture
+from flows.loading import load
 
 __all__ = ["load", "train", "Run"]
-
-
-def load(run: str | os.PathLike, weights: str = "ema", device: torch.device | str | None = None) -> Flow:
-    """Open a trained flow.
-
-    Args:
-        run: a run directory, a :class:`Run`, or a ``model.safetensors`` file.
-        weights: ``"ema"`` (the averaged weights the run evaluated; the best ones on validation when the
-            run selected) or ``"model"`` (the raw weights of the last step).
-        device: where to put it (default: the CPU; ``Flow.to`` moves it later).
-
-    Returns:
-        A :class:`flows.Flow` whose ``config`` is the run's :class:`flows.Config`. Safe on untrusted files:
-        nothing is unpickled.
-    """
-    flow = read(os.fspath(run), weights)
-    try:  # a file written without a run config (flows.flowfile.write(config=None)) keeps None
-        flow.config = load_config(flow.config, lenient=True) if flow.config else None
-        if isinstance(flow, Mixture):  # its members share the run's config
-            for member in flow.members:
-                member.config = flow.config
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint '{flow.path}' has unreadable metadata: {e}") from None
-    return flow.to(device) if device is not None else flow
 
 
 @dataclass
@@ -107,11 +82,11 @@ def train(
 
     device, main = run_device()  # the recipe's devices section for it applies (a notice on the main process)
     cfg = load_config(config, overrides, updates, device=device, notice=main)
-    if cfg.train.members > 1:  # a mixture trained member by member (flows.training.members)
-        from flows.training.members import train_members
+    if cfg.data.simulator:  # a simulator in the loop (flows.inference): simulate, then train on the pairs
+        from flows.inference import prior_of, run_inference, simulator_of
 
-        return Run(Path(cfg.run_dir), cfg, train_members(cfg, resume))
-    from flows.training import Trainer  # the trainer (Accelerate, the objectives) loads only to train
+        root = run_inference(cfg, simulator_of(cfg), prior_of(cfg), resume)
+        return Run(root, cfg, json.loads((root / "eval.json").read_text()))
+    from flows.training.fit import fit  # the trainer (Accelerate, the objectives) loads only to train
 
-    trainer = Trainer(cfg, resume)
-    return Run(Path(cfg.run_dir), cfg, trainer.run_and_end())
+    return Run(Path(cfg.run_dir), cfg, fit(cfg, resume))

@@ -4,7 +4,11 @@ A conditional field is ``v(x, t, c)``; the context enters the network the way th
 modelled, so no log-determinant of its standardization enters a likelihood. :class:`Context` holds
 what the flow needs to turn a user's context into the field's input:
 
-- ``kind="vector"``: ``dim`` features, standardized with the training rows' ``shift`` and ``scale``;
+- ``kind="vector"``: ``dim`` features, standardized with the training rows' ``shift`` and ``scale``; with
+  ``shape=(M, d)`` the context is M exchangeable i.i.d. trials of d numbers (``dim = M d``, rows flattened):
+  each of the d features is standardized with statistics pooled over the trials, so the field's input
+  (and its permutation-invariant embedding, :class:`flows.nn.trials.TrialEmbedding`) is the same for any
+  order of the trials;
 - ``kind="labels"``: ``classes`` classes 0..K-1 (the field also knows a null class K, the
   "no label" of classifier-free guidance), and ``prior`` p(y), the training labels' frequencies, which
   the marginal p(x) = Σ_y p(y) p(x | y) uses.
@@ -22,6 +26,7 @@ N(0, I) before training starts (and a linear-Gaussian one is exact), and any oth
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +50,15 @@ class Context:
     offset: Tensor | None = None  # vector: (D,) μ of the conditional standardization (None: none)
     weights: Tensor | None = None  # (D, dim) B
     chol: Tensor | None = None  # (D, D) lower-triangular L
+    shape: tuple[int, ...] = ()  # vector: the shape of one context, (dim,) or (M, d) for M i.i.d. trials
 
     def __post_init__(self) -> None:
         if self.kind not in ("vector", "labels"):
             raise FlowsError(f"context kind must be 'vector' or 'labels' (got {self.kind!r})")
         if self.kind == "vector":
+            self.shape = tuple(int(s) for s in self.shape) or (self.dim,)
+            if math.prod(self.shape) != self.dim or len(self.shape) > 2:
+                raise FlowsError(f"a context of shape {self.shape} does not hold {self.dim} features")
             self.shift = self.shift if self.shift is not None else torch.zeros(self.dim, device="cpu")
             self.scale = self.scale if self.scale is not None else torch.ones(self.dim, device="cpu")
         else:
@@ -61,9 +70,21 @@ class Context:
         """The null label (classifier-free guidance): index ``classes``."""
         return self.classes
 
+    @property
+    def trials(self) -> bool:
+        """Whether a context is M exchangeable trials of d numbers, ``shape == (M, d)``."""
+        return len(self.shape) == 2
+
+    def features(self, c: Tensor) -> Tensor:
+        """What the conditional standardization regresses on: the context rows (B, dim), or for trials their mean
+        over the trials (B, d), the same for any order of the trials."""
+        return c.reshape(len(c), *self.shape).mean(1) if self.trials else c
+
     def describe(self) -> str:
+        if self.trials:
+            return f"a context of {self.shape[0]} i.i.d. trials of {self.shape[1]} numbers"
         if self.kind == "vector":
-            return f"a context vector of {self.dim} features"
+            return f"a context of {self.dim} features"
         return f"a label in 0..{self.classes - 1}"
 
     # ------------------------------------------------------------------ user context → field input
@@ -87,13 +108,16 @@ class Context:
                 )
             return c
         c = c.to(device, torch.get_default_dtype() if not c.is_floating_point() else c.dtype)
-        given = tuple(c.shape)
-        if c.ndim == 1:
-            c = c[None]
-        if c.ndim != 2 or c.shape[1] != self.dim:
+        given, one = tuple(c.shape), self.shape
+        if given == one or (self.trials and given == (self.dim,)):  # one context
+            c = c.reshape(1, self.dim)
+        elif c.ndim == len(one) + 1 and tuple(c.shape[1:]) == one or c.ndim == 2 and c.shape[1] == self.dim:
+            c = c.reshape(len(c), self.dim)  # K contexts (trials: (K, M, d) or flattened (K, M d))
+        else:
+            shown = ", ".join(map(str, one))
             raise FlowsError(
-                f"{what}: the model was trained with a context of {self.dim} features; expected shape ({self.dim},) "
-                f"or (K, {self.dim}), got {given}"
+                f"{what}: the model was trained with {self.describe()}; expected shape ({shown}{',' * (len(one) == 1)})"
+                f" or (K, {shown}), got {given}"
             )
         if not torch.isfinite(c).all():
             raise FlowsError(f"{what}: the context has NaN or Inf values")
@@ -116,7 +140,7 @@ class Context:
     def fit_affine(self, x: Tensor, c: Tensor, ridge: float = 1e-3) -> Context:
         """Fit μ, B and L on model-space rows x (N, D) and their standardized contexts c (N, dim) (float64 least
         squares with a ``ridge`` relative to N, and a floor on the residual variance); returns self."""
-        x, c = x.double(), c.double()
+        x, c = x.double(), self.features(c).double()
         n, d = x.shape
         design = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), c], 1)
         gram = design.T @ design + ridge * n * torch.eye(design.shape[1], dtype=torch.float64, device=x.device)
@@ -131,14 +155,14 @@ class Context:
         """Model-space x (B, D) → L⁻¹(x − μ − B c), with c the field's context input (B, dim); x if no fit."""
         if not self.affine:
             return x
-        mean = self.offset.to(x) + c.to(x) @ self.weights.to(x).T
+        mean = self.offset.to(x) + self.features(c).to(x) @ self.weights.to(x).T
         return torch.linalg.solve_triangular(self.chol.to(x), (x - mean).T, upper=False).T
 
     def color(self, z: Tensor, c: Tensor) -> Tensor:
         """The inverse of :meth:`whiten`: μ + B c + L z."""
         if not self.affine:
             return z
-        return self.offset.to(z) + c.to(z) @ self.weights.to(z).T + z @ self.chol.to(z).T
+        return self.offset.to(z) + self.features(c).to(z) @ self.weights.to(z).T + z @ self.chol.to(z).T
 
     def whiten_log_det(self) -> float:
         """log|det ∂ whiten(x)/∂x| = −Σ log Lᵢᵢ (0 without a fit)."""
@@ -154,7 +178,8 @@ class Context:
         return {"context.prior": self.prior.double().contiguous()}
 
     def metadata(self) -> str:
-        return json.dumps({"kind": self.kind, "dim": self.dim, "classes": self.classes, "dropout": self.dropout})
+        meta = {"kind": self.kind, "dim": self.dim, "classes": self.classes, "dropout": self.dropout}
+        return json.dumps(meta | ({"shape": list(self.shape)} if self.trials else {}))
 
     @classmethod
     def from_file(cls, metadata: str, tensors: dict[str, Tensor]) -> Context:
@@ -170,6 +195,7 @@ class Context:
             tensors.get("context.offset"),
             tensors.get("context.weights"),
             tensors.get("context.chol"),
+            tuple(meta.get("shape", ())),
         )
 
     def to(self, device: torch.device | str) -> Context:
@@ -187,6 +213,7 @@ class Context:
             move(self.offset),
             move(self.weights),
             move(self.chol),
+            self.shape,
         )
 
 

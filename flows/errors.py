@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "SolverError",
     "TrainingAborted",
+    "SimulationError",
     "unknown_value",
 ]
 
@@ -37,6 +38,10 @@ class SolverError(FlowsError):
 
 class TrainingAborted(FlowsError):
     """Training stopped on purpose (e.g. too many non-finite steps); a checkpoint was saved."""
+
+
+class SimulationError(FlowsError):
+    """A simulator raised or returned something unusable; the pairs simulated before it are kept."""
 
 
 def unknown_value(key: str, value: str, valid: Iterable[str]) -> NoReturn:

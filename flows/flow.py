@@ -174,7 +174,9 @@ class Flow:
             return None
         if context is None:
             raise FlowsError(f"{what}: this flow is conditional on {self.context.describe()}: pass context=")
-        return self.context.broadcast(context, n, self.device, what)
+        rows = self.context.broadcast(context, n, self.device, what)
+        param = next(iter(self.field.parameters()), None)  # numpy's float64 meets a float32 field as float32
+        return rows.to(param.dtype) if rows.is_floating_point() and param is not None else rows
 
     def guided_field(self, guidance: float) -> nn.Module:
         """The field that :meth:`sample` solves at classifier-free guidance ``guidance`` (0: the field itself);

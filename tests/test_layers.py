@@ -18,6 +18,7 @@ CORE = {
     "flows.nn.registry",
     "flows.nn.embedding",
     "flows.nn.mlp",
+    "flows.nn.trials",
     "flows.nn.potential",
     "flows.nn.unet",
     "flows.paths",
@@ -34,6 +35,8 @@ CORE = {
     "flows.memory",
     "flows.dynamics",
     "flows.steppers",
+    "flows.prior",
+    "flows.calibration",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}
 

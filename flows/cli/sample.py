@@ -201,7 +201,8 @@ def sample_share(args: argparse.Namespace, model, acc, solve: dict):
 
 
 def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
-    """A grid of image samples; for 2D data, samples beside the density (and ``--trajectories`` paths)."""
+    """A grid of image samples; for 2D data, samples beside the density (and ``--trajectories`` paths); for a
+    posterior (a context vector), a pair plot of the first context's samples (``corner.png``)."""
     import numpy as np
     import torch
 
@@ -220,6 +221,12 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
         else:
             images, nrow = data[:64].reshape(-1, *picture), None
         written.append(save_grid(images / (model.levels - 1), out / "samples_grid.png", nrow))  # levels → [0, 1]
+    if model.context is not None and model.context.kind == "vector" and not picture:  # a posterior: a pair plot
+        from flows.posterior_plots import plot_corner
+
+        first = data[0] if data.ndim == len(model.shape) + 2 else data
+        title = f"{len(first):,} samples given the first context"
+        written.append(plot_corner(out / "corner.png", first.reshape(len(first), -1).numpy(), title=title))
     if model.dim != 2 or model.config is None or model.context is not None:  # needs the run's data as reference
         return written
     solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps)

@@ -75,7 +75,13 @@ def build_tabular(cfg: DataConfig) -> Data:
     pre = _standardize(train, _bounds(cfg, train, val, test), cfg.path)
     if not train_c.shape[1]:
         return Data("tabular", train, test, pre, val)
-    return Data("tabular", train, test, pre, val, train_c, val_c, test_c)
+    shape = tuple(cfg.context_shape or ())
+    if shape and shape[0] * shape[1] != train_c.shape[1]:
+        raise DataError(
+            f"data.context_shape={list(shape)} holds {shape[0] * shape[1]} numbers, but each context of '{cfg.path}' "
+            f"has {train_c.shape[1]}: give [M, d] with M trials of d numbers."
+        )
+    return Data("tabular", train, test, pre, val, train_c, val_c, test_c, context_shape=shape)
 
 
 def _rows(path: str | None, cfg: DataConfig) -> tuple[Tensor, int]:

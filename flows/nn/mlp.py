@@ -13,6 +13,7 @@ from flows.context import Context
 from flows.errors import ConfigError, FlowsError
 from flows.nn.embedding import TimeFeatures, time_rows
 from flows.nn.registry import FieldKind, register_field
+from flows.nn.trials import TRIAL_WIDTHS, TrialEmbedding
 
 __all__ = ["TimeMLP", "MLPSettings", "ACTIVATIONS"]
 
@@ -64,11 +65,18 @@ class TimeMLP(nn.Module):
         conditioning: str = "concatsquash",
         context_dim: int = 0,
         context_embedding: Sequence[int] = (),
+        context_shape: Sequence[int] = (),
     ):
         super().__init__()
         self.time = TimeFeatures(max(time_features, 1))
         self.context_dim = context_dim
-        self.embed = _embedding(context_dim, context_embedding, activation) if context_dim else None
+        if len(context_shape) == 2:  # i.i.d. trials: a permutation-invariant embedding
+            self.embed: nn.Module | None = TrialEmbedding(
+                context_shape[1], context_embedding or TRIAL_WIDTHS, ACTIVATIONS[activation]
+            )
+            context_embedding = [self.embed.dim]
+        else:
+            self.embed = _embedding(context_dim, context_embedding, activation) if context_dim else None
         d_ctx = (context_embedding[-1] if context_embedding else context_dim) if context_dim else 0
         d_cond = self.time.dim + d_ctx  # what gates each layer: the time features and the (embedded) context
         widths = [dim + d_ctx, *hidden, dim]
@@ -131,8 +139,8 @@ class MLPSettings:
 
 
 def _build(s: MLPSettings, shape: tuple[int, ...], context: Context | None = None) -> TimeMLP:
-    dim = context.dim if context is not None else 0
-    return TimeMLP(shape[0], s.hidden, s.activation, s.time_features, s.conditioning, dim, s.context_embedding)
+    dim, trials = (context.dim, context.shape) if context is not None else (0, ())
+    return TimeMLP(shape[0], s.hidden, s.activation, s.time_features, s.conditioning, dim, s.context_embedding, trials)
 
 
 register_field(FieldKind("mlp", MLPSettings, _build, data="vectors", context="vector"))

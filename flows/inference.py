@@ -1,0 +1,323 @@
+"""Simulation-based inference with a simulator in the loop: ``flows.infer(simulator, prior, simulations)``.
+
+One run directory holds everything::
+
+    RUN/config.yaml              the loop's config (data.simulator, data.prior, data.simulations, data.rounds, ...)
+    RUN/simulations/round_R/     every batch of simulations as it is made (flows.simulation)
+    RUN/simulations/round_R/proposal.json   rounds > 0: the truncated prior they were drawn from
+    RUN/round_R/                 the posterior trained on the pairs of rounds 0..R (a flows.train run)
+    RUN/simulations.npz          every kept pair (theta, x, round): reusable with configs/posterior.yaml
+    RUN/model.safetensors, eval.json   the last round's posterior: flows.load(RUN)
+    RUN/inference.json           per round: simulations, dropped, the proposal's acceptance, times
+
+Amortized (``rounds=1``): every simulation from the prior; the posterior serves any x. Focused (``rounds=R``
+with ``x_obs``): round 0 draws from the prior, each later round from the prior truncated to the current
+posterior's highest-probability region at x_o (:class:`flows.prior.TruncatedPrior`), and each round trains one
+posterior on all pairs so far with the plain loss. That proposal is the prior times an indicator, so the
+posterior it implies equals the true one inside the region, where the true posterior at x_o has its mass: no
+correction term (as APT / SNPE-C needs for other proposals) and no leakage outside the prior (guide: Posterior
+estimation from a simulator). A killed run resumes: batches on disk are read, not simulated again, and a round's
+training resumes from its checkpoint. Simulation and truncation happen on the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributions import Independent, Normal, Uniform
+
+from flows.config import Config, from_dict, load_config, to_dict
+from flows.errors import ConfigError, FlowsError
+from flows.flow import Flow
+from flows.loading import load
+from flows.prior import TruncatedPrior, check_prior, draw, prior_box
+from flows.simulation import SimulationStore, resolve
+
+__all__ = ["infer", "run_inference", "POSTERIOR", "prior_of", "simulator_of"]
+
+# the recipe of configs/posterior.yaml (tests/test_inference.py keeps them equal): flows.infer's defaults
+POSTERIOR: dict[str, Any] = {
+    "run_dir": "runs/posterior",
+    "data": {"name": "tabular", "test_fraction": 0.1, "val_fraction": 0.1},
+    "model": {"hidden": [128, 128, 128], "activation": "tanh", "time_features": 16},
+    "objective": {"name": "fm", "path": "condot", "coupling": "independent"},
+    "train": {
+        "steps": 1_000_000,
+        "time_limit": 4,
+        "batch_size": 256,
+        "lr": 3.0e-3,
+        "warmup_steps": 10,
+        "schedule": "cosine",
+        "grad_clip": 0,
+        "eval_every": 0,
+        "evals_per_budget": 20,
+        "patience": 5,
+        "members": 8,
+        "log_every": 50,
+        "save_every": 5000,
+    },
+    "eval": {"trace": "exact", "periodic_size": 5000},
+}
+LOOP_KEYS = ("simulator", "prior", "prior_loc", "prior_scale", "simulations", "rounds", "x_obs", "simulation_batch")
+
+
+def _spec(obj: Any) -> str:
+    """A record of a Python object for config.yaml: ``module:qualname`` when it can be imported back."""
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if module and name and "<" not in name and module != "__main__":
+        return f"{module}:{name}"
+    return f"python:{type(obj).__name__}"
+
+
+def infer(
+    simulator: Callable[[torch.Tensor], Any],
+    prior: Any,
+    simulations: int = 10_000,
+    *,
+    x_obs: Any = None,
+    rounds: int = 1,
+    config: str | os.PathLike | Config | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+    **sections: Mapping[str, Any],
+) -> Flow:
+    """Estimate the posterior p(θ | x) of a simulator: simulate, train, and (with ``rounds``) focus on ``x_obs``.
+
+    Args:
+        simulator: a batched callable, θ (n, D) float32 tensor → x (n, ...) (a tensor or an array); rows with NaN
+            or Inf are dropped and counted; its torch and numpy global random states are seeded per batch.
+        prior: any ``torch.distributions.Distribution`` over θ (``sample``, ``log_prob``): sbi's ``BoxUniform``
+            and a ``MultivariateNormal`` work as they are. A box prior becomes ``data.bounds``.
+        simulations: simulations of all rounds together.
+        x_obs: the observation (the shape of one x); needed with ``rounds`` > 1.
+        rounds: 1 (amortized: any x) or more (focused on ``x_obs``): equal shares of the simulations.
+        config: a recipe (default: ``configs/posterior.yaml``'s, built in); ``train.time_limit`` is the training
+            time of all rounds together.
+        run_dir: the run directory (default: the config's); an existing one needs ``resume=True``.
+        resume: continue a killed run: nothing simulated twice, training resumed from its checkpoints.
+        overrides, **sections: as for :func:`flows.train` (``data={"context_shape": [4, 2]}``, ``train=...``).
+
+    Returns:
+        The posterior, a :class:`flows.Flow` as ``flows.load(run_dir)`` gives: ``sample(n, context=x)``, exact
+        ``log_prob(theta, context=x)``; ``flow.path.parent`` is the run directory.
+    """
+    check_prior(prior)
+    base = config if config is not None else POSTERIOR
+    data = {**dict(sections.pop("data", {}) or {}), "simulator": _spec(simulator), "prior": _spec(prior)}
+    data |= {"simulations": simulations, "rounds": rounds}
+    updates: dict[str, Any] = {**sections, "data": data}
+    if run_dir is not None:
+        updates["run_dir"] = os.fspath(run_dir)
+    if x_obs is not None:
+        updates["data"]["x_obs"] = "<x_obs>"  # written into the run directory below
+    cfg = load_config(base, overrides, updates)
+    root = Path(cfg.run_dir)
+    if resume and (root / "config.yaml").is_file():
+        cfg = _saved(root, cfg)
+    if x_obs is not None:
+        cfg.data.x_obs = os.fspath(root / "x_obs.npy")
+        _start(root, resume)
+        np.save(root / "x_obs.npy", torch.as_tensor(x_obs, device="cpu").detach().cpu().float().numpy())
+    return load(run_inference(cfg, simulator, prior, resume))
+
+
+def _saved(root: Path, cfg: Config) -> Config:
+    """A resumed run keeps its own config (the caller's objects are the same ones again)."""
+    saved = load_config(root / "config.yaml", lenient=True)
+    for key in ("simulator", "prior"):
+        setattr(saved.data, key, getattr(cfg.data, key))
+    return saved
+
+
+def _start(root: Path, resume: bool) -> None:
+    if (root / "config.yaml").exists() and not resume:
+        raise ConfigError(
+            f"run directory '{root}' exists: resume it (resume=True, --resume) or choose another run_dir."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def prior_of(cfg: Config) -> Any:
+    """The prior that ``data.prior`` names: uniform on ``data.bounds``, a diagonal normal, or ``module:object``
+    (a Distribution, or a function of no arguments that returns one)."""
+    d = cfg.data
+    if d.prior == "uniform":
+        low, high = (torch.tensor([b[i] for b in d.bounds], dtype=torch.float32, device="cpu") for i in (0, 1))
+        return Independent(Uniform(low, high), 1)
+    if d.prior == "normal":
+        loc = torch.tensor(d.prior_loc, dtype=torch.float32, device="cpu")
+        scale = torch.tensor(d.prior_scale or [1.0], dtype=torch.float32, device="cpu").expand(len(loc))
+        return Independent(Normal(loc, scale), 1)
+    prior = resolve(str(d.prior), "data.prior")
+    if callable(prior) and not hasattr(prior, "sample"):
+        prior = prior()
+    check_prior(prior)
+    return prior
+
+
+def simulator_of(cfg: Config) -> Callable[[torch.Tensor], Any]:
+    simulator = resolve(str(cfg.data.simulator), "data.simulator")
+    if not callable(simulator):
+        raise ConfigError(f"data.simulator='{cfg.data.simulator}' is not callable")
+    return simulator
+
+
+def _x_obs(cfg: Config) -> torch.Tensor | None:
+    if not cfg.data.x_obs:
+        return None
+    p = Path(cfg.data.x_obs)
+    if not p.is_file():
+        raise ConfigError(f"data.x_obs='{p}' does not exist")
+    loaded = np.load(p, allow_pickle=False)
+    array = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+def _round_config(cfg: Config, r: int, root: Path, bounds: list | None, minutes: float | None) -> Config:
+    data = dataclasses.replace(
+        cfg.data,
+        path=os.fspath(root / "simulations" / f"pairs_{r}.npz"),
+        key="theta",
+        context_key="x",
+        bounds=bounds,
+        **{k: getattr(type(cfg.data)(), k) for k in LOOP_KEYS},
+    )
+    train = dataclasses.replace(cfg.train, time_limit=minutes)
+    out = dataclasses.replace(cfg, data=data, train=train, run_dir=os.fspath(root / f"round_{r}"))
+    return from_dict(Config, to_dict(out)).validate()
+
+
+def _shares(total: int, rounds: int) -> list[int]:
+    """Equal shares of the simulations, the remainder to round 0."""
+    each = total // rounds
+    return [total - each * (rounds - 1)] + [each] * (rounds - 1)
+
+
+def _check_x(x_obs: torch.Tensor | None, x_shape: tuple[int, ...]) -> torch.Tensor | None:
+    if x_obs is None:
+        return None
+    if tuple(x_obs.shape) == x_shape or tuple(x_obs.shape) == (1, *x_shape):
+        return x_obs.reshape(1, *x_shape)
+    if x_obs.numel() == int(np.prod(x_shape)) and x_obs.ndim == 1:
+        return x_obs.reshape(1, *x_shape)
+    raise FlowsError(
+        f"x_obs has shape {tuple(x_obs.shape)} but the simulator returns x of shape {x_shape}: give one observation "
+        f"of the simulator's shape"
+    )
+
+
+def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool = False) -> Path:
+    """The loop of :func:`infer` for a validated config with ``data.simulator``; returns the run directory."""
+    from accelerate import PartialState
+
+    from flows.training.fit import fit
+
+    state = PartialState()
+    root, d = Path(cfg.run_dir), cfg.data
+    check_prior(prior)
+    if state.is_main_process:
+        _start(root, resume)
+        if not (root / "config.yaml").exists():
+            (root / "config.yaml").write_text(_yaml(cfg))
+    state.wait_for_everyone()
+    dim = draw(prior, 1, 0).shape[1]
+    box = prior_box(prior, dim)
+    bounds = (
+        d.bounds
+        if d.bounds is not None
+        else ([[float(a), float(b)] for a, b in zip(*box, strict=True)] if box else None)
+    )
+    x_obs = _x_obs(cfg)
+    store, shares = SimulationStore(root / "simulations"), _shares(d.simulations, d.rounds)
+    total = cfg.train.time_limit
+    weights = np.cumsum(shares) / np.cumsum(shares).sum()
+    report: dict[str, Any] = {"rounds": []}
+    flow: Flow | None = None
+    for r, n in enumerate(shares):
+        start = time.perf_counter()
+        info: dict[str, Any] = {"round": r, "proposal": "prior" if r == 0 else "truncated prior"}
+        if state.is_main_process:
+            propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info)
+            info |= store.run(r, n, propose, simulator, d.simulation_batch, cfg.train.seed)
+            pairs = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
+            x_shape = tuple(np.load(root / "simulations" / f"pairs_{r}.npz")["x"].shape[1:])
+            x_obs = _check_x(x_obs, x_shape)
+            info["pairs"] = pairs
+            print(
+                f"round {r}: {info['simulated']:,} simulations from the {info['proposal']} ({info['dropped']:,} "
+                f"dropped: NaN or Inf), {pairs:,} pairs to train on",
+                file=sys.stderr,
+            )
+        state.wait_for_everyone()
+        info["simulation_seconds"] = time.perf_counter() - start
+        minutes = None if total is None else float(total * weights[r])
+        rcfg = _round_config(cfg, r, root, bounds, minutes)
+        run_dir = Path(rcfg.run_dir)
+        if not (run_dir / "eval.json").exists():
+            again = (run_dir / "config.yaml").exists()
+            if not again and run_dir.exists() and state.is_main_process:  # killed before its first file
+                shutil.rmtree(run_dir)
+            state.wait_for_everyone()
+            fit(load_config(run_dir / "config.yaml") if again else rcfg, resume=again)
+        flow = load(run_dir)
+        info["train_minutes"] = minutes
+        report["rounds"].append(info)
+    if state.is_main_process:
+        last = root / f"round_{len(shares) - 1}"
+        for name in ("model.safetensors", "eval.json"):
+            shutil.copyfile(last / name, root / f".{name}.tmp")
+            os.replace(root / f".{name}.tmp", root / name)
+        shutil.copyfile(root / "simulations" / f"pairs_{len(shares) - 1}.npz", root / "simulations.npz")
+        report |= {"simulations": sum(i["simulated"] for i in report["rounds"]), "bounds": bounds}
+        (root / "inference.json").write_text(json.dumps(report, indent=2))
+    state.wait_for_everyone()
+    return root
+
+
+def _proposal(
+    r: int,
+    prior: Any,
+    flow: Flow | None,
+    x_obs: torch.Tensor | None,
+    store: SimulationStore,
+    seed: int,
+    info: dict[str, Any],
+) -> Callable[[int, int], torch.Tensor]:
+    """How round ``r`` draws its parameters: the prior, or the prior truncated by the last round's posterior (its
+    region saved in ``proposal.json``, so a resumed round draws from the same one)."""
+    if r == 0:
+        return lambda m, s: draw(prior, m, s)
+    assert flow is not None and x_obs is not None
+    path = store.folder / f"round_{r}" / "proposal.json"
+    saved = json.loads(path.read_text()) if path.exists() else None
+    truncated = TruncatedPrior(prior, flow, x_obs, seed=seed + r, state=saved)
+    if saved is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(truncated.state()))
+    info["region"] = truncated.state()
+    stats: list[float] = []
+
+    def propose(m: int, s: int) -> torch.Tensor:
+        theta, got = truncated.sample(m, s)
+        stats.append(got["acceptance"])
+        info["acceptance"] = float(np.mean(stats))
+        return theta
+
+    return propose
+
+
+def _yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,21 @@
+"""Train one run from a validated config: a single flow (:class:`flows.training.Trainer`) or a mixture of members
+(:mod:`flows.training.members`). ``flows.train`` and the simulation loop (:mod:`flows.inference`) both call it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.config import Config
+
+__all__ = ["fit"]
+
+
+def fit(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (resumed from its run directory's checkpoint with ``resume``); the final held-out evaluation."""
+    if cfg.train.members > 1:  # a mixture trained member by member
+        from flows.training.members import train_members
+
+        return train_members(cfg, resume)
+    from flows.training.trainer import Trainer
+
+    return Trainer(cfg, resume).run_and_end()
