@@ -68,7 +68,17 @@ POSTERIOR: dict[str, Any] = {
     },
     "eval": {"trace": "exact", "periodic_size": 5000},
 }
-LOOP_KEYS = ("simulator", "prior", "prior_loc", "prior_scale", "simulations", "rounds", "x_obs", "simulation_batch")
+LOOP_KEYS = (
+    "simulator",
+    "prior",
+    "prior_loc",
+    "prior_scale",
+    "simulations",
+    "rounds",
+    "x_obs",
+    "simulation_batch",
+    "calibration",
+)
 
 
 def _spec(obj: Any) -> str:
@@ -280,9 +290,33 @@ def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: 
             os.replace(root / f".{name}.tmp", root / name)
         shutil.copyfile(root / "simulations" / f"pairs_{len(shares) - 1}.npz", root / "simulations.npz")
         report |= {"simulations": sum(i["simulated"] for i in report["rounds"]), "bounds": bounds}
+        if d.rounds == 1 and d.calibration > 0:
+            report["calibration"] = check_calibration(root, d.calibration, cfg.train.seed)
         (root / "inference.json").write_text(json.dumps(report, indent=2))
     state.wait_for_everyone()
     return root
+
+
+def check_calibration(root: Path, pairs: int, seed: int = 0) -> dict[str, Any]:
+    """The calibration checks of the run's posterior on up to ``pairs`` of its held-out pairs (drawn from the prior):
+    ``calibration.json`` and ``calibration.png`` in ``root``; the summary, also printed in one line."""
+    from flows.calibration import calibrate
+    from flows.data import build_data
+    from flows.posterior_plots import plot_calibration
+
+    flow = load(root)
+    data = build_data(flow.config.data)
+    n = min(pairs, len(data.test))
+    cal = calibrate(flow, data.test[:n], data.test_context[:n], seed=seed)
+    summary = cal.summary() | {"data": "the run's test split"}
+    (root / "calibration.json").write_text(json.dumps(summary, indent=2))
+    plot_calibration(root / "calibration.png", cal)
+    print(
+        f"calibration on {n:,} held-out pairs: {summary['verdict']}, largest coverage error "
+        f"{summary['coverage_error_max']:.3f} (95% band {summary['coverage_band_95']:.3f}); {root / 'calibration.png'}",
+        file=sys.stderr,
+    )
+    return summary
 
 
 def _proposal(

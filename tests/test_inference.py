@@ -66,6 +66,9 @@ def test_amortized_inference_recovers_the_closed_form_posterior(amortized):
     assert pairs["theta"].shape == (2000, 2) and pairs["x"].shape == (2000, 2)
     report = json.loads((root / "inference.json").read_text())
     assert report["simulations"] == 2000 and report["rounds"][0]["dropped"] == 0
+    # an amortized run checks its calibration on its held-out pairs at the end
+    assert report["calibration"]["pairs"] == 200 and (root / "calibration.png").exists()
+    assert report["calibration"] == json.loads((root / "calibration.json").read_text())
     saved = yaml.safe_load((root / "config.yaml").read_text())["data"]
     assert saved["simulator"] == "sbi_models:linear" and saved["simulations"] == 2000
     # the pairs are a configs/posterior.yaml file

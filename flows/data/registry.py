@@ -59,6 +59,7 @@ class DataConfig:
     rounds: int = 1  # > 1: rounds focused on data.x_obs (the prior truncated to the posterior's HPD region)
     x_obs: str | None = None  # .npy/.npz of the observation the rounds focus on (the shape of one x)
     simulation_batch: int = 1000  # parameters per simulator call (each call's pairs are written at once)
+    calibration: int = 500  # amortized runs: held-out pairs the calibration check uses at the end (0: none)
     seed: int = 0
     test_seed: int = 1
 
@@ -124,6 +125,7 @@ class DataConfig:
             (not self.path, f"give {p}simulator or {p}path (simulated pairs in a file), not both"),
             (bool(self.prior), f"{p}simulator needs {p}prior=uniform|normal|module:object"),
             (self.simulations > 0 and self.simulation_batch > 0, f"{p}simulations and simulation_batch must be > 0"),
+            (self.calibration >= 0, f"{p}calibration must be >= 0"),
             (self.rounds >= 1, f"{p}rounds must be >= 1"),
             (
                 self.rounds == 1 or bool(self.x_obs),
