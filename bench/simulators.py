@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,8 @@ class Task:
 
     ``bounds`` is the box of a uniform prior ([lo, hi] per parameter) or None; ``gaussian_prior`` is (mean,
     variance) of an isotropic normal prior or None. ``reference(x_obs, n, rng)`` samples the posterior of one
-    observation ``x_obs`` of shape (x_dim,)."""
+    observation ``x_obs`` of shape (x_dim,). ``context_shape`` is (M, d) when x is M i.i.d. trials of d numbers
+    (stored flattened, x_dim = M d), else None."""
 
     name: str
     theta_dim: int
@@ -54,6 +56,7 @@ class Task:
     simulate: Callable[[Array, Generator], Array]
     reference: Callable[[Array, int, Generator], Array]
     gaussian_prior: tuple[float, float] | None = None
+    context_shape: tuple[int, int] | None = None
 
 
 # ------------------------------------------------------------------ helpers
@@ -319,6 +322,7 @@ TASKS: dict[str, Task] = {
         _box_prior(-SLCP_BOUND, SLCP_BOUND, 5),
         slcp_simulate,
         slcp_reference,
+        context_shape=(SLCP_DRAWS, 2),
     ),
     "gaussian_mixture": Task(
         "gaussian_mixture",
@@ -341,6 +345,26 @@ def observations(task: Task, k: int, seed: int) -> list[tuple[Array, Array]]:
         theta = task.prior(1, rng)
         pairs.append((theta[0], task.simulate(theta, rng)[0]))
     return pairs
+
+
+class TorchSimulator:
+    """A task's simulator as a batched callable of torch θ (n, D) → x (n, x_dim) float32, as ``flows.infer`` and
+    sbi's loops call it: the noise comes from a generator seeded by numpy's global random state (which
+    ``flows.infer`` seeds per batch) or, given ``seed``, by that seed and a call counter."""
+
+    def __init__(self, task: Task, seed: int | list[int] | None = None):
+        self.task, self.seed, self.calls = task, seed, 0
+
+    def __call__(self, theta: Any) -> Any:
+        import torch
+
+        if self.seed is None:
+            rng = np.random.default_rng(np.random.randint(2**31))
+        else:
+            rng = np.random.default_rng([*np.atleast_1d(self.seed).tolist(), self.calls])
+        self.calls += 1
+        x = self.task.simulate(torch.as_tensor(theta).detach().cpu().double().numpy(), rng)
+        return torch.from_numpy(x.astype(np.float32))
 
 
 def simulations(task: Task, n: int, seed: int | list[int]) -> tuple[Array, Array]:
