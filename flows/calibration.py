@@ -117,9 +117,10 @@ def calibrate(
     jitter = torch.Generator("cpu").manual_seed(seed + 1)
     sbc, cov = [], []
     for t, c in zip(theta.split(batch), x.split(batch), strict=True):
-        draws = flow.sample(samples, context=c, generator=gen).reshape(len(c), samples, flow.dim)
-        lq = flow.log_prob(draws.reshape(-1, flow.dim), context=c.repeat_interleave(samples, 0), generator=gen)
-        lq_true = flow.log_prob(t, context=c, generator=gen)
+        draws = flow.sample(samples, context=c, generator=gen, **solve).reshape(len(c), samples, flow.dim)
+        rows = c.repeat_interleave(samples, 0)
+        lq = flow.log_prob(draws.reshape(-1, flow.dim), context=rows, generator=gen, **solve)
+        lq_true = flow.log_prob(t, context=c, generator=gen, **solve)
         lq = lq.reshape(len(c), samples)
         below = (draws < t[:, None, :]).sum(1).cpu().double()  # (B, D): SBC ranks
         denser = (lq > lq_true[:, None]).sum(1).cpu().double()  # (B,): samples inside the HPD region at θ*'s level

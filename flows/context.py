@@ -113,6 +113,10 @@ class Context:
             c = c.reshape(1, self.dim)
         elif c.ndim == len(one) + 1 and tuple(c.shape[1:]) == one or c.ndim == 2 and c.shape[1] == self.dim:
             c = c.reshape(len(c), self.dim)  # K contexts (trials: (K, M, d) or flattened (K, M d))
+        elif c.ndim >= 3 and math.prod(c.shape[1:]) == self.dim:  # K contexts of a simulator's (M, d) x, flattened
+            c = c.reshape(len(c), self.dim)
+        elif c.ndim >= 2 and c.numel() == self.dim:  # one (M, d) x of a flattened context
+            c = c.reshape(1, self.dim)
         else:
             shown = ", ".join(map(str, one))
             raise FlowsError(

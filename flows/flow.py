@@ -353,7 +353,8 @@ class Flow:
                 per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``, ``solver``.
 
         Returns:
-            ``(N,)`` float64 on ``self.device`` (and the info dict).
+            ``(N,)`` float64 on ``self.device`` (and the info dict); −inf for a point on or outside the run's
+            ``data.bounds`` (no solve).
         """
         opts = self.log_prob_options(trace, probes, deq_samples, **solve)
         if batch_size is not None and batch_size <= 0:
@@ -362,19 +363,26 @@ class Flow:
         x = self._as_data(x, "log_prob")
         marginal = context is None and self.context is not None and self.context.kind == "labels"
         rows = None if marginal else self._rows(context, len(x), "log_prob")
-        batch_size = batch_size or self.log_prob_batch(len(x), opts, rows)
+        inside = self.preprocess.inside(x)  # bounded data: a point on or outside a bound has density 0
+        lp = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
+        var = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        x, rows = (x, rows) if inside is None else (x[inside], rows[inside] if rows is not None else None)
+        batch_size = batch_size or self.log_prob_batch(max(len(x), 1), opts, rows)
         lps, variances, nfe = [], [], []
         parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
         for part, c in zip(x.split(batch_size), parts, strict=True):
-            lp, var, n = self._log_prob_batch(part, opts, generator, c)
-            lps.append(lp)
-            variances.append(var)
+            lp_part, var_part, n = self._log_prob_batch(part, opts, generator, c)
+            lps.append(lp_part)
+            variances.append(var_part)
             nfe.append(n)
-        lp = torch.cat(lps)
+        if inside is None:
+            lp, var = torch.cat(lps), torch.cat(variances)
+        elif lps:
+            lp[inside], var[inside] = torch.cat(lps), torch.cat(variances)
         if not return_info:
             return lp
         info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
-        return lp, info | {"variance": torch.cat(variances)} | opts
+        return lp, info | {"variance": var} | opts
 
     def batch(
         self, n: int, default: int, *, trace: bool = False, context: Tensor | None = None, copies: int = 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch.distributions import Independent, Normal, Uniform
 
+from flows.checkpoint import latest_checkpoint
 from flows.config import Config, from_dict, load_config, to_dict
 from flows.errors import ConfigError, FlowsError
 from flows.flow import Flow
@@ -123,6 +125,8 @@ def infer(
         ``log_prob(theta, context=x)``; ``flow.path.parent`` is the run directory.
     """
     check_prior(prior)
+    if rounds > 1 and x_obs is None:
+        raise ConfigError(f"rounds={rounds} focuses on one observation: pass x_obs= (one x of the simulator's shape)")
     base = config if config is not None else POSTERIOR
     data = {**dict(sections.pop("data", {}) or {}), "simulator": _spec(simulator), "prior": _spec(prior)}
     data |= {"simulations": simulations, "rounds": rounds}
@@ -136,10 +140,26 @@ def infer(
     if resume and (root / "config.yaml").is_file():
         cfg = _saved(root, cfg)
     if x_obs is not None:
+        from accelerate import PartialState
+
         cfg.data.x_obs = os.fspath(root / "x_obs.npy")
-        _start(root, resume)
-        np.save(root / "x_obs.npy", torch.as_tensor(x_obs, device="cpu").detach().cpu().float().numpy())
+        state = PartialState()
+        if state.is_main_process:
+            _start(root, resume)
+            _write(root / "x_obs.npy", torch.as_tensor(x_obs, device="cpu").detach().float().numpy())
+        state.wait_for_everyone()
     return load(run_inference(cfg, simulator, prior, resume))
+
+
+def _write(path: Path, content: str | np.ndarray) -> None:
+    """A file a resume reads, written whole or not at all (a kill never leaves half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        with tmp.open("wb") as f:
+            np.save(f, content)
+    os.replace(tmp, path)
 
 
 def _saved(root: Path, cfg: Config) -> Config:
@@ -215,12 +235,11 @@ def _shares(total: int, rounds: int) -> list[int]:
 
 
 def _check_x(x_obs: torch.Tensor | None, x_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """One observation as a row of the flattened context (any shape with the simulator's number of values)."""
     if x_obs is None:
         return None
-    if tuple(x_obs.shape) == x_shape or tuple(x_obs.shape) == (1, *x_shape):
-        return x_obs.reshape(1, *x_shape)
-    if x_obs.numel() == int(np.prod(x_shape)) and x_obs.ndim == 1:
-        return x_obs.reshape(1, *x_shape)
+    if x_obs.numel() == int(np.prod(x_shape)):
+        return x_obs.reshape(1, -1)
     raise FlowsError(
         f"x_obs has shape {tuple(x_obs.shape)} but the simulator returns x of shape {x_shape}: give one observation "
         f"of the simulator's shape"
@@ -239,7 +258,7 @@ def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: 
     if state.is_main_process:
         _start(root, resume)
         if not (root / "config.yaml").exists():
-            (root / "config.yaml").write_text(_yaml(cfg))
+            _write(root / "config.yaml", _yaml(cfg))
     state.wait_for_everyone()
     dim = draw(prior, 1, 0).shape[1]
     box = prior_box(prior, dim)
@@ -258,7 +277,7 @@ def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: 
         start = time.perf_counter()
         info: dict[str, Any] = {"round": r, "proposal": "prior" if r == 0 else "truncated prior"}
         if state.is_main_process:
-            propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info)
+            propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info, bounds)
             info |= store.run(r, n, propose, simulator, d.simulation_batch, cfg.train.seed)
             pairs = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
             x_shape = tuple(np.load(root / "simulations" / f"pairs_{r}.npz")["x"].shape[1:])
@@ -275,8 +294,9 @@ def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: 
         rcfg = _round_config(cfg, r, root, bounds, minutes)
         run_dir = Path(rcfg.run_dir)
         if not (run_dir / "eval.json").exists():
-            again = (run_dir / "config.yaml").exists()
-            if not again and run_dir.exists() and state.is_main_process:  # killed before its first file
+            saved = (run_dir / "config.yaml").exists()
+            again = saved and (rcfg.train.members > 1 or latest_checkpoint(run_dir) is not None)
+            if not again and run_dir.exists() and state.is_main_process:  # killed before its first checkpoint
                 shutil.rmtree(run_dir)
             state.wait_for_everyone()
             fit(load_config(run_dir / "config.yaml") if again else rcfg, resume=again)
@@ -319,6 +339,17 @@ def check_calibration(root: Path, pairs: int, seed: int = 0) -> dict[str, Any]:
     return summary
 
 
+def inside(theta: torch.Tensor, bounds: list | None) -> torch.Tensor:
+    """``theta`` with values on a bound (a float32 draw can land exactly on a box's edge, where the bounded flow's
+    logit is infinite) moved to the nearest value strictly inside; None pairs are unbounded."""
+    if not bounds:
+        return theta
+    low = torch.tensor([b[0] if b else -math.inf for b in bounds], dtype=theta.dtype, device="cpu")
+    high = torch.tensor([b[1] if b else math.inf for b in bounds], dtype=theta.dtype, device="cpu")
+    inf = torch.full_like(low, math.inf)
+    return torch.maximum(torch.minimum(theta, torch.nextafter(high, -inf)), torch.nextafter(low, inf))
+
+
 def _proposal(
     r: int,
     prior: Any,
@@ -327,23 +358,25 @@ def _proposal(
     store: SimulationStore,
     seed: int,
     info: dict[str, Any],
+    box: list | None,
 ) -> Callable[[int, int], torch.Tensor]:
     """How round ``r`` draws its parameters: the prior, or the prior truncated by the last round's posterior (its
     region saved in ``proposal.json``, so a resumed round draws from the same one)."""
     if r == 0:
-        return lambda m, s: draw(prior, m, s)
+        return lambda m, s: inside(draw(prior, m, s), box)
     assert flow is not None and x_obs is not None
     path = store.folder / f"round_{r}" / "proposal.json"
     saved = json.loads(path.read_text()) if path.exists() else None
     truncated = TruncatedPrior(prior, flow, x_obs, seed=seed + r, state=saved)
     if saved is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(truncated.state()))
+        _write(path, json.dumps(truncated.state()))
     info["region"] = truncated.state()
     stats: list[float] = []
 
     def propose(m: int, s: int) -> torch.Tensor:
         theta, got = truncated.sample(m, s)
+        theta = inside(theta, box)
         stats.append(got["acceptance"])
         info["acceptance"] = float(np.mean(stats))
         return theta

@@ -83,6 +83,16 @@ class Preprocess:
             s = torch.where(mask, lo + width * torch.sigmoid(s), s)
         return s
 
+    def inside(self, raw: Tensor) -> Tensor | None:
+        """Which raw rows lie strictly inside the bounds ((N,) bool), or None without bounds / when all do."""
+        if self.low is None:
+            return None
+        flat = raw.reshape(len(raw), -1)
+        low, high = self.low.to(raw.device, raw.dtype), self.high.to(raw.device, raw.dtype)
+        bounded = torch.isfinite(low) & torch.isfinite(high)  # as the map: a column with one bound is free
+        inside = (((flat > low) & (flat < high)) | ~bounded).all(1)
+        return None if bool(inside.all()) else inside
+
     def log_det(self, x: Tensor) -> Tensor:
         """log|det ∂x/∂y| per sample (B,), from model-space points x (B, ...), in float64.
 

@@ -69,7 +69,7 @@ def _normal(prior: Any, dim: int) -> tuple[Tensor, Tensor] | None:
 
 def draw(prior: Distribution, n: int, seed: int) -> Tensor:
     """``n`` parameters from ``prior`` as float32 rows (n, D), seeded by ``seed`` (the global RNG is restored)."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the caller's states come back
         torch.manual_seed(seed)
         theta = prior.sample((n,))
     theta = torch.as_tensor(theta, device="cpu").detach()

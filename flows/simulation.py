@@ -49,7 +49,7 @@ def simulate(simulator: Callable[[Tensor], Any], theta: Tensor, seed: int) -> tu
     random states are seeded by ``seed`` for the call and restored after it."""
     state = np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the caller's states come back
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
             x = simulator(theta)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from flows.calibration import calibrate
 from flows.context import Context
 from flows.errors import ConfigError, FlowsError, SimulationError
 from flows.flow import Flow
-from flows.inference import POSTERIOR
+from flows.inference import POSTERIOR, inside
 from flows.nn import TimeMLP
 from flows.preprocess import Preprocess
 from flows.prior import TruncatedPrior, prior_box
@@ -91,6 +93,12 @@ def test_rounds_focus_on_the_observation_and_stay_correct(tmp_path):
     assert (first.log_prob(later, context=x_obs) >= region["tau"] - 1e-3).all()
     # and it is focused: far narrower than the prior
     assert later.std(0).max() < 0.8
+    # its held-out pairs are not all from the prior: the calibration check asks for prior pairs
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "evaluate.py", str(root), "--calibration"], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert done.returncode != 0 and "trained in rounds" in done.stderr + done.stdout
 
 
 def test_nan_simulations_are_dropped_and_counted(tmp_path):
@@ -145,6 +153,29 @@ def test_the_command_line_runs_a_simulator_from_a_module(tmp_path, monkeypatch):
     assert resumed.result == run.result
 
 
+def test_a_round_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    root = tmp_path / "early"
+    flows.infer(sbi_models.linear, sbi_models.prior, 300, run_dir=root, data={"calibration": 0}, **quick(steps=20))
+    first = json.loads((root / "round_0" / "eval.json").read_text())
+    for name in ("eval.json", "model.safetensors", "checkpoints", "metrics.jsonl"):  # only its config.yaml left
+        target = root / "round_0" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    flows.infer(sbi_models.linear, sbi_models.prior, 300, run_dir=root, resume=True, **quick(steps=20))
+    assert json.loads((root / "round_0" / "eval.json").read_text())["nll"] == first["nll"]
+
+
+def test_draws_on_a_bound_move_inside_and_have_zero_density(amortized):
+    theta = torch.tensor([[-1.0, 0.5], [1.0, 1.0], [0.2, 0.3]])
+    moved = inside(theta, [[-1, 1], None])
+    assert (moved[:, 0] > -1).all() and (moved[:, 0] < 1).all() and moved[1, 1] == 1.0
+    assert moved[2].tolist() == theta[2].tolist()
+    bounded = Flow(
+        TimeMLP(2, [8]), Preprocess(torch.zeros(2), torch.ones(2), low=-torch.ones(2), high=torch.ones(2)), (2,)
+    )
+    lp = bounded.log_prob(theta, steps=4)
+    assert lp[:2].tolist() == [-math.inf, -math.inf] and math.isfinite(lp[2])
+
+
 def test_a_box_prior_becomes_the_bounds():
     box = torch.distributions.Independent(torch.distributions.Uniform(-torch.ones(3), 2 * torch.ones(3)), 1)
     low, high = prior_box(box, 3)
@@ -158,6 +189,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         flows.infer(sbi_models.linear, object(), 100, run_dir=tmp_path / "a")
     with pytest.raises(SimulationError, match="one row per parameter"):
         flows.infer(sbi_models.wrong_rows, sbi_models.prior, 100, run_dir=tmp_path / "b", **quick())
+    with pytest.raises(ConfigError, match="pass x_obs="):
+        flows.infer(sbi_models.linear, sbi_models.prior, 200, rounds=2, run_dir=tmp_path / "d")
     with pytest.raises(FlowsError, match="x_obs has shape"):
         flows.infer(
             sbi_models.linear, sbi_models.prior, 200, x_obs=torch.zeros(3), rounds=2, run_dir=tmp_path / "c", **quick()
@@ -225,6 +258,7 @@ def test_a_simulator_of_trials_trains_with_the_invariant_embedding(tmp_path):
         **quick(steps=30),
     )
     assert flow.context.trials and flow.context.shape == (4, 2)
+    assert flow.sample(3, context=torch.zeros(8), steps=2).shape == (3, 2)  # flattened x works too
     x = torch.randn(4, 2)
     a = flow.log_prob(torch.zeros(1, 2), context=x, steps=4)
     torch.testing.assert_close(a, flow.log_prob(torch.zeros(1, 2), context=x.flip(0), steps=4))

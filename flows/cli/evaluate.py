@@ -151,6 +151,12 @@ def calibration(args: argparse.Namespace, model, theta, x, source: str) -> None:
 
     if x is None or model.context is None or model.context.kind != "vector":
         raise FlowsError("--calibration checks a posterior: a run with a context vector (and its pairs)")
+    if not args.data and _rounds(model.config) > 1:
+        raise FlowsError(
+            f"'{model.path}' was trained in rounds: its held-out pairs are not all drawn from the prior, so SBC and "
+            "coverage would not test the posterior. Pass prior pairs with --data theta.npy --context x.npy (e.g. "
+            "round 0's: the 'round' array of simulations.npz is 0)."
+        )
     n = min(len(theta), args.limit or 1000)
     solve = {k: getattr(args, k) for k in ("method", "atol", "rtol") if getattr(args, k) is not None}
     cal = calibrate(model, theta[:n], x[:n], samples=args.samples, seed=args.seed, **solve)
@@ -175,6 +181,17 @@ def calibration(args: argparse.Namespace, model, theta, x, source: str) -> None:
     for name, value in rows:
         print(f"{name:<16} {value}")
     print(f"wrote {out} and {picture}")
+
+
+def _rounds(config) -> int:
+    """How many rounds of simulations a run's pairs come from (the ``round`` array a simulator run writes)."""
+    import numpy as np
+
+    path = getattr(config.data, "path", None) if config is not None else None
+    if not path or not str(path).endswith(".npz") or not Path(path).is_file():
+        return 1
+    with np.load(path, allow_pickle=False) as f:
+        return len(np.unique(f["round"])) if "round" in f.files else 1
 
 
 def points(args: argparse.Namespace, model):
