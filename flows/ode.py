@@ -177,17 +177,7 @@ def solve(
     """
     options = solver_options(**solver)
     analytic = getattr(field, "analytic_divergence", False)
-    if trace not in (None, "exact", "hutchinson"):
-        unknown_value("trace", str(trace), ["exact", "hutchinson"])
-    if jacobian and (trace is None or analytic):
-        raise ConfigError(
-            "the Jacobian regularizer needs trace='exact' or 'hutchinson' and a field without an "
-            "analytic divergence (a potential field is regularized by hjb instead)"
-        )
-    if hjb and not analytic:
-        raise ConfigError("the HJB penalty needs a field with an analytic divergence (a potential field)")
-    asked = {"divergence": trace is not None, "kinetic": kinetic, "jacobian": jacobian, "hjb": hjb}
-    integrals = tuple(name for name in INTEGRALS if asked[name])
+    integrals = _integrals(trace, kinetic, jacobian, hjb, analytic)
     eps = draw_probe(x, probe, generator) if trace == "hutchinson" and not analytic else None
     if context is not None and len(context) != x.shape[0]:
         raise ConfigError(f"{len(context)} context rows for {x.shape[0]} points")
@@ -198,23 +188,12 @@ def solve(
     def norm(tensors: tuple[Tensor, ...]) -> Tensor:
         return torch.stack([_rms(t) for t in tensors[:n_controlled]]).max()
 
-    if options["method"] in OWN_METHODS and not (options["adjoint"] and torch.is_grad_enabled()):
-        if (options["compile"] or options["checkpoint"]) and analytic:
-            raise ConfigError(
-                "compile and checkpoint: a field with an analytic divergence (the potential) is solved without them"
-            )
-        grid = fixed_grid(t0, t1, options["step_size"], x.dtype)
-        forward = options["compile"] or options["checkpoint"]  # their gradients must be first order
-        derivatives = "forward" if forward else "reverse"
-        dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context, derivatives=derivatives)
-        finals = integrate_fixed(
-            dynamics, state, grid, options["method"], compile=options["compile"], checkpoint=options["checkpoint"]
-        )
-        nfe = (len(grid) - 1) * STAGES[options["method"]]
-        return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))
+    taped = options["adjoint"] and torch.is_grad_enabled()  # the adjoint is torchdiffeq's
+    if options["method"] in OWN_METHODS and not taped:
+        return _solve_fixed(field, state, t0, t1, integrals, trace, eps, context, options, analytic)
     dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context)
     every = options["sync_every"] or (1 if x.device.type == "cpu" else OWN_SYNC_EVERY)
-    if options["method"] == "dopri5" and every > 1 and not (options["adjoint"] and torch.is_grad_enabled()):
+    if options["method"] == "dopri5" and every > 1 and not taped:
         try:
             finals, _, _ = integrate_dopri5(
                 dynamics,
@@ -229,14 +208,54 @@ def solve(
             )
         except AdaptiveStop as e:
             raise solver_error(e, options) from None
-        dynamics.nfe.forward = dynamics.nfe.total
-        return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
-
-    times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    out = _odeint(dynamics, state, times, options, field, norm)
+    else:
+        times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+        finals = [o[-1] for o in _odeint(dynamics, state, times, options, field, norm)]
     dynamics.nfe.forward = dynamics.nfe.total
-    finals = [o[-1] for o in out]
     return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=dynamics.nfe)
+
+
+def _integrals(trace: str | None, kinetic: bool, jacobian: bool, hjb: bool, analytic: bool) -> tuple[str, ...]:
+    """The integrals a solve carries beside x, in ``INTEGRALS`` order; a clear error for a request that cannot be."""
+    if trace not in (None, "exact", "hutchinson"):
+        unknown_value("trace", str(trace), ["exact", "hutchinson"])
+    if jacobian and (trace is None or analytic):
+        raise ConfigError(
+            "the Jacobian regularizer needs trace='exact' or 'hutchinson' and a field without an "
+            "analytic divergence (a potential field is regularized by hjb instead)"
+        )
+    if hjb and not analytic:
+        raise ConfigError("the HJB penalty needs a field with an analytic divergence (a potential field)")
+    asked = {"divergence": trace is not None, "kinetic": kinetic, "jacobian": jacobian, "hjb": hjb}
+    return tuple(name for name in INTEGRALS if asked[name])
+
+
+def _solve_fixed(
+    field: nn.Module,
+    state: tuple[Tensor, ...],
+    t0: float,
+    t1: float,
+    integrals: tuple[str, ...],
+    trace: str | None,
+    eps: Tensor | None,
+    context: Tensor | None,
+    options: SolverOptions,
+    analytic: bool,
+) -> Solution:
+    """euler, midpoint or rk4 by flows' own loop (nothing read back from the device), compiled or checkpointed."""
+    if (options["compile"] or options["checkpoint"]) and analytic:
+        raise ConfigError(
+            "compile and checkpoint: a field with an analytic divergence (the potential) is solved without them"
+        )
+    grid = fixed_grid(t0, t1, options["step_size"], state[0].dtype)
+    forward = options["compile"] or options["checkpoint"]  # their gradients must be first order
+    derivatives = "forward" if forward else "reverse"
+    dynamics = Dynamics(field, integrals, trace or "exact", eps, context=context, derivatives=derivatives)
+    finals = integrate_fixed(
+        dynamics, state, grid, options["method"], compile=options["compile"], checkpoint=options["checkpoint"]
+    )
+    nfe = (len(grid) - 1) * STAGES[options["method"]]
+    return Solution(finals[0], **dict(zip(integrals, finals[1:], strict=True)), nfe=NFE(nfe, nfe))
 
 
 def _odeint(

@@ -177,23 +177,9 @@ def integrate_dopri5(
         k = rates((t0 + sign * s).to(dtype), y)
         return k if sign > 0 else tuple(-ki for ki in k)
 
-    def combine(y: tuple[Tensor, ...], h: Tensor, weights: tuple[float, ...], ks: list[tuple[Tensor, ...]]):
-        return tuple(
-            yi + h.to(dtype) * sum(w * k[i] for w, k in zip(weights, ks, strict=False) if w) for i, yi in enumerate(y)
-        )
-
     zero = torch.zeros((), dtype=torch.float64, device=device)
     k1 = f(zero, y)
-    with torch.no_grad():  # the initial step (Hairer, Nørsett & Wanner II.4), as torchdiffeq selects it
-        scale = tuple(atol + yi.detach().abs() * rtol for yi in y)
-        d0 = norm(tuple(yi.detach() / si for yi, si in zip(y, scale, strict=True))).double()
-        d1 = norm(tuple(ki.detach() / si for ki, si in zip(k1, scale, strict=True))).double()
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).abs()
-        probe = f(h0, tuple(yi.detach() + h0.to(dtype) * ki.detach() for yi, ki in zip(y, k1, strict=True)))
-        d2 = (norm(tuple((p - k.detach()) / si for p, k, si in zip(probe, k1, scale, strict=True))).double() / h0).abs()
-        small = (d1 <= 1e-15) & (d2 <= 1e-15)
-        h1 = torch.where(small, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.maximum(d1, d2)) ** (1 / ORDER))
-        dt = torch.minimum(100 * h0, h1.abs())
+    dt = _initial_step(f, y, k1, atol, rtol, norm)
     s, done = zero, torch.zeros((), dtype=torch.bool, device=device)
     nfe, steps, reads, budget = 2, 0, 0, 1
     while True:
@@ -203,11 +189,11 @@ def integrate_dopri5(
                 last = dt >= length - s
             ks = [k1]
             for c, a in zip(DOPRI5_C, DOPRI5_A, strict=True):
-                ks.append(f(s + c * h, combine(y, h, a, ks)))
-            y1 = combine(y, h, DOPRI5_B, ks)
+                ks.append(f(s + c * h, _combine(y, h, a, ks)))
+            y1 = _combine(y, h, DOPRI5_B, ks)
             ks.append(k7 := f(s + h, y1))
             with torch.no_grad():
-                error = combine(
+                error = _combine(
                     tuple(torch.zeros_like(yi) for yi in y), h, DOPRI5_E, [tuple(k.detach() for k in kk) for kk in ks]
                 )
                 tol = tuple(
@@ -227,14 +213,51 @@ def integrate_dopri5(
         finite = torch.stack([torch.isfinite(yi).all() for yi in y]).all()  # the integrals too, as torchdiffeq
         at, step, finished, ok = torch.stack([s, dt, done.double(), finite.double()]).tolist()  # the one host read
         reads += 1
-        if not ok:
-            raise AdaptiveStop("non-finite")
-        if finished:
+        if finished and ok:
             return y, nfe, reads
-        if steps >= max_steps:
-            raise AdaptiveStop("max_steps")
-        if not math.isfinite(step):
-            raise AdaptiveStop("non-finite")
-        if at + step == at:
-            raise AdaptiveStop("underflow")
+        _check_round(ok, step, at, steps, max_steps)
         budget = max(1, min(sync_every, math.ceil((length - at) / step)))
+
+
+def _combine(
+    y: tuple[Tensor, ...], h: Tensor, weights: tuple[float, ...], ks: list[tuple[Tensor, ...]]
+) -> tuple[Tensor, ...]:
+    """y + h Σ wⱼ kⱼ for each tensor of the state (zero weights skipped)."""
+    return tuple(
+        yi + h.to(yi.dtype) * sum(w * k[i] for w, k in zip(weights, ks, strict=False) if w) for i, yi in enumerate(y)
+    )
+
+
+def _initial_step(
+    f: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
+    y: tuple[Tensor, ...],
+    k1: tuple[Tensor, ...],
+    atol: float,
+    rtol: float,
+    norm: Callable[[tuple[Tensor, ...]], Tensor],
+) -> Tensor:
+    """The first step size (Hairer, Nørsett & Wanner II.4), as torchdiffeq selects it, on the device."""
+    dtype = y[0].dtype
+    with torch.no_grad():
+        scale = tuple(atol + yi.detach().abs() * rtol for yi in y)
+        d0 = norm(tuple(yi.detach() / si for yi, si in zip(y, scale, strict=True))).double()
+        d1 = norm(tuple(ki.detach() / si for ki, si in zip(k1, scale, strict=True))).double()
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).abs()
+        probe = f(h0, tuple(yi.detach() + h0.to(dtype) * ki.detach() for yi, ki in zip(y, k1, strict=True)))
+        d2 = (norm(tuple((p - k.detach()) / si for p, k, si in zip(probe, k1, scale, strict=True))).double() / h0).abs()
+        small = (d1 <= 1e-15) & (d2 <= 1e-15)
+        h1 = torch.where(small, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.maximum(d1, d2)) ** (1 / ORDER))
+        return torch.minimum(100 * h0, h1.abs())
+
+
+def _check_round(ok: float, step: float, at: float, steps: int, max_steps: int) -> None:
+    """Why an unfinished solve stops after a round, if it must: a non-finite state or step, too many steps, a step
+    size too small to move the time."""
+    if not ok:
+        raise AdaptiveStop("non-finite")
+    if steps >= max_steps:
+        raise AdaptiveStop("max_steps")
+    if not math.isfinite(step):
+        raise AdaptiveStop("non-finite")
+    if at + step == at:
+        raise AdaptiveStop("underflow")
