@@ -363,22 +363,18 @@ class Flow:
         x = self._as_data(x, "log_prob")
         marginal = context is None and self.context is not None and self.context.kind == "labels"
         rows = None if marginal else self._rows(context, len(x), "log_prob")
-        inside = self.preprocess.inside(x)  # bounded data: a point on or outside a bound has density 0
-        lp = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
-        var = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-        x, rows = (x, rows) if inside is None else (x[inside], rows[inside] if rows is not None else None)
+        keep = self.preprocess.inside(x)  # bounded data: a point on or outside a bound has density 0, unsolved
+        if keep is not None:
+            x, rows = x[keep], rows[keep] if rows is not None else None
         batch_size = batch_size or self.log_prob_batch(max(len(x), 1), opts, rows)
         lps, variances, nfe = [], [], []
         parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
         for part, c in zip(x.split(batch_size), parts, strict=True):
-            lp_part, var_part, n = self._log_prob_batch(part, opts, generator, c)
-            lps.append(lp_part)
-            variances.append(var_part)
+            lp, var, n = self._log_prob_batch(part, opts, generator, c)
+            lps.append(lp)
+            variances.append(var)
             nfe.append(n)
-        if inside is None:
-            lp, var = torch.cat(lps), torch.cat(variances)
-        elif lps:
-            lp[inside], var[inside] = torch.cat(lps), torch.cat(variances)
+        lp, var = _spread(lps, keep, -math.inf), _spread(variances, keep, 0.0)
         if not return_info:
             return lp
         info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
@@ -476,3 +472,13 @@ class Flow:
         if not return_info:
             return out
         return out, {**info, "seconds": time.perf_counter() - start, "solver": dict(solver)}
+
+
+def _spread(parts: list[Tensor], keep: Tensor | None, fill: float) -> Tensor:
+    """The values of the kept points (in order) at their places among all points, ``fill`` elsewhere."""
+    if keep is None:
+        return torch.cat(parts)
+    out = torch.full(keep.shape, fill, dtype=torch.float64, device=keep.device)
+    if parts:
+        out[keep] = torch.cat(parts)
+    return out

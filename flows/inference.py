@@ -38,7 +38,8 @@ import torch
 from torch.distributions import Independent, Normal, Uniform
 
 from flows.checkpoint import latest_checkpoint
-from flows.config import Config, from_dict, load_config, to_dict
+from flows.config import Config, load_config, to_dict
+from flows.data.tables import load_array
 from flows.errors import ConfigError, FlowsError
 from flows.flow import Flow
 from flows.loading import load
@@ -204,14 +205,8 @@ def simulator_of(cfg: Config) -> Callable[[torch.Tensor], Any]:
 
 
 def _x_obs(cfg: Config) -> torch.Tensor | None:
-    if not cfg.data.x_obs:
-        return None
-    p = Path(cfg.data.x_obs)
-    if not p.is_file():
-        raise ConfigError(f"data.x_obs='{p}' does not exist")
-    loaded = np.load(p, allow_pickle=False)
-    array = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
-    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+    """``data.x_obs`` as a tensor (a .npy, or the first array of a .npz; checked against x after round 0)."""
+    return load_array(cfg.data.x_obs, ndim=None) if cfg.data.x_obs else None
 
 
 def _round_config(cfg: Config, r: int, root: Path, bounds: list | None, minutes: float | None) -> Config:
@@ -224,8 +219,7 @@ def _round_config(cfg: Config, r: int, root: Path, bounds: list | None, minutes:
         **{k: getattr(type(cfg.data)(), k) for k in LOOP_KEYS},
     )
     train = dataclasses.replace(cfg.train, time_limit=minutes)
-    out = dataclasses.replace(cfg, data=data, train=train, run_dir=os.fspath(root / f"round_{r}"))
-    return from_dict(Config, to_dict(out)).validate()
+    return dataclasses.replace(cfg, data=data, train=train, run_dir=os.fspath(root / f"round_{r}")).validate()
 
 
 def _shares(total: int, rounds: int) -> list[int]:
@@ -279,8 +273,7 @@ def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: 
         if state.is_main_process:
             propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info, bounds)
             info |= store.run(r, n, propose, simulator, d.simulation_batch, cfg.train.seed)
-            pairs = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
-            x_shape = tuple(np.load(root / "simulations" / f"pairs_{r}.npz")["x"].shape[1:])
+            pairs, x_shape = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
             x_obs = _check_x(x_obs, x_shape)
             info["pairs"] = pairs
             print(
@@ -322,15 +315,13 @@ def check_calibration(root: Path, pairs: int, seed: int = 0) -> dict[str, Any]:
     ``calibration.json`` and ``calibration.png`` in ``root``; the summary, also printed in one line."""
     from flows.calibration import calibrate
     from flows.data import build_data
-    from flows.posterior_plots import plot_calibration
+    from flows.posterior_plots import save_calibration
 
     flow = load(root)
     data = build_data(flow.config.data)
     n = min(pairs, len(data.test))
     cal = calibrate(flow, data.test[:n], data.test_context[:n], seed=seed)
-    summary = cal.summary() | {"data": "the run's test split"}
-    (root / "calibration.json").write_text(json.dumps(summary, indent=2))
-    plot_calibration(root / "calibration.png", cal)
+    summary = save_calibration(root / "calibration.json", cal, data="the run's test split")
     print(
         f"calibration on {n:,} held-out pairs: {summary['verdict']}, largest coverage error "
         f"{summary['coverage_error_max']:.3f} (95% band {summary['coverage_band_95']:.3f}); {root / 'calibration.png'}",

@@ -5,6 +5,7 @@ Drawn with ``matplotlib.figure.Figure`` (no pyplot), like :mod:`flows.plotting`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_corner", "plot_calibration"]
+__all__ = ["plot_corner", "plot_calibration", "save_calibration"]
 
 MAX_PARAMETERS = 10  # a pair plot draws the first ten parameters
 
@@ -91,3 +92,12 @@ def plot_calibration(path: str | Path, calibration: Any) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return Path(path)
+
+
+def save_calibration(path: str | Path, calibration: Any, **extra: Any) -> dict[str, Any]:
+    """The checks' summary (with ``extra`` entries) as JSON at ``path``, and their picture beside it (``.png``)."""
+    path = Path(path)
+    summary = calibration.summary() | extra
+    path.write_text(json.dumps(summary, indent=2))
+    plot_calibration(path.with_suffix(".png"), calibration)
+    return summary

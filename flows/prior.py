@@ -129,22 +129,21 @@ class TruncatedPrior:
         """What defines the region (JSON): τ, the box, the quantile."""
         return {"tau": self.tau, "low": self.low.tolist(), "high": self.high.tolist(), "quantile": self.quantile}
 
-    def _candidates(self, n: int, gen: torch.Generator) -> tuple[Tensor, float]:
-        """``n`` draws of the prior restricted to the box, and the prior mass of the box (1 if unknown)."""
+    def _candidates(self, n: int, gen: torch.Generator) -> Tensor:
+        """Draws of the prior restricted to the box: ``n`` of them, or those of ``n`` prior draws inside it."""
         lo, hi = self.low, self.high
         u = torch.rand(n, self.dim, generator=gen, dtype=torch.float64, device="cpu")
         if prior_box(self.prior, self.dim) is not None:
-            return lo + u * (hi - lo), 1.0
+            return lo + u * (hi - lo)
         normal = _normal(self.prior, self.dim)
         if normal is not None:  # a truncated normal in each parameter, by the inverse CDF
             loc, scale = normal
             a, b = torch.special.ndtr((lo - loc) / scale), torch.special.ndtr((hi - loc) / scale)
             p = (a + u * (b - a)).clamp(1e-300, 1 - 1e-16)
-            return loc + scale * torch.special.ndtri(p), 1.0
+            return loc + scale * torch.special.ndtri(p)
         seed = int(torch.randint(2**62, (1,), generator=gen, device="cpu"))
         theta = draw(self.prior, n, seed).double()
-        keep = ((theta > lo) & (theta < hi)).all(1)
-        return theta[keep], float(keep.double().mean())
+        return theta[((theta > lo) & (theta < hi)).all(1)]
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, max_candidates: int | None = None) -> tuple[Tensor, dict[str, Any]]:
@@ -160,7 +159,7 @@ class TruncatedPrior:
                     "highest-probability region is a tiny part of the prior's box. Use more simulations in the first "
                     "round (fewer rounds), or a larger quantile."
                 )
-            theta, _ = self._candidates(batch, gen)
+            theta = self._candidates(batch, gen)
             tried += batch
             if not len(theta):
                 continue

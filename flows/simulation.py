@@ -141,9 +141,9 @@ class SimulationStore:
             raise SimulationError(f"the simulator returned x of different shapes across batches: {sorted(shapes)}")
         return np.concatenate(thetas), np.concatenate(xs), np.concatenate(which)
 
-    def write_pairs(self, path: Path, rounds: range) -> int:
+    def write_pairs(self, path: Path, rounds: range) -> tuple[int, tuple[int, ...]]:
         """Every kept pair of ``rounds`` in one ``.npz`` (``theta``, ``x``, ``round``): a ``configs/posterior.yaml``
-        file (``data.key=theta data.context_key=x``); returns how many."""
+        file (``data.key=theta data.context_key=x``); returns how many, and the shape of one x."""
         theta, x, which = self.pairs(rounds)
         if not len(theta):
             raise SimulationError(
@@ -152,4 +152,4 @@ class SimulationStore:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, theta=theta, x=x, round=which)
         os.replace(tmp, path)
-        return len(theta)
+        return len(theta), tuple(x.shape[1:])

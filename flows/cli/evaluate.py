@@ -147,7 +147,7 @@ def calibration(args: argparse.Namespace, model, theta, x, source: str) -> None:
     default), printed and written next to the checkpoint."""
     from flows.calibration import calibrate
     from flows.errors import FlowsError
-    from flows.posterior_plots import plot_calibration
+    from flows.posterior_plots import save_calibration
 
     if x is None or model.context is None or model.context.kind != "vector":
         raise FlowsError("--calibration checks a posterior: a run with a context vector (and its pairs)")
@@ -160,11 +160,9 @@ def calibration(args: argparse.Namespace, model, theta, x, source: str) -> None:
     n = min(len(theta), args.limit or 1000)
     solve = {k: getattr(args, k) for k in ("method", "atol", "rtol") if getattr(args, k) is not None}
     cal = calibrate(model, theta[:n], x[:n], samples=args.samples, seed=args.seed, **solve)
-    summary = cal.summary() | {"data": source, "checkpoint": str(model.path), "step": model.step}
-    folder = model.path.parent
-    out = Path(args.json) if args.json else folder / "calibration.json"
-    out.write_text(json.dumps(summary, indent=2))
-    picture = plot_calibration(out.with_suffix(".png"), cal)
+    out = Path(args.json) if args.json else model.path.parent / "calibration.json"
+    summary = save_calibration(out, cal, data=source, checkpoint=str(model.path), step=model.step)
+    picture = out.with_suffix(".png")
     cover = "  ".join(f"{k}:{v:.3f}" for k, v in summary["coverage"].items() if k not in ("0.00", "1.00"))
     rows = [
         ("data", f"{source} ({n:,} pairs, {args.samples} posterior samples each)"),
