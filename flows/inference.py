@@ -241,7 +241,15 @@ def _check_x(x_obs: torch.Tensor | None, x_shape: tuple[int, ...]) -> torch.Tens
 
 
 def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool = False) -> Path:
-    """The loop of :func:`infer` for a validated config with ``data.simulator``; returns the run directory."""
+    """The loop of :func:`infer` for a validated config with ``data.simulator``; returns the run directory (locked
+    meanwhile: one writer at a time)."""
+    from flows.training.lock import run_lock
+
+    with run_lock(cfg.run_dir):
+        return _loop(cfg, simulator, prior, resume)
+
+
+def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool) -> Path:
     from accelerate import PartialState
 
     from flows.training.fit import fit

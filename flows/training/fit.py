@@ -6,16 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config import Config
+from flows.training.lock import run_lock
 
 __all__ = ["fit"]
 
 
 def fit(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (resumed from its run directory's checkpoint with ``resume``); the final held-out evaluation."""
-    if cfg.train.members > 1:  # a mixture trained member by member
-        from flows.training.members import train_members
+    """Train ``cfg`` (resumed from its run directory's checkpoint with ``resume``); the final held-out evaluation.
+    The run directory is locked meanwhile (:func:`flows.training.lock.run_lock`: one writer at a time)."""
+    with run_lock(cfg.run_dir):
+        if cfg.train.members > 1:  # a mixture trained member by member
+            from flows.training.members import train_members
 
-        return train_members(cfg, resume)
-    from flows.training.trainer import Trainer
+            return train_members(cfg, resume)
+        from flows.training.trainer import Trainer
 
-    return Trainer(cfg, resume).run_and_end()
+        return Trainer(cfg, resume).run_and_end()
