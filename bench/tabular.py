@@ -1,15 +1,21 @@
 """Your own table: flows' default tabular recipe against zuko's CNF, at equal wall time, one thread each.
 
-    python bench/tabular.py                                   # every table, 1 and 3 minutes (~40 min, 2 jobs)
+    python bench/tabular.py                                   # every table, 1 and 3 minutes (~2 h, 2 jobs)
     python bench/tabular.py --minutes 1 --tables wine,iris    # a subset
     python bench/tabular.py --only flows,zuko --jobs 2
+    python bench/tabular.py --tables strikes,nile --minutes 1 --only flows,flows-holdout,zuko --splits 5
 
 Tables (all offline): scikit-learn's bundled iris (150x4), wine (178x13), diabetes (442x10),
 breast_cancer (569x30), digits as a 64-column table (1797x64, the columns constant in every row
 dropped) and iris's two petal columns (150x2); synthetic tables with a known density: an 8-D Gaussian
 mixture (2,000 rows), a 5-D "banana" (1,000 rows) and a 16-D Gaussian mixture with 10,000 rows (the size
-target); and "counts22", 303 rows of 10 overdispersed counts and 12 rounded shares (no known density). Each is split
-80/20 with seed 0 and written as train.npy / test.npy: every contestant sees the same rows.
+target); and "counts22", 303 rows of 10 overdispersed counts and 12 rounded shares (no known density).
+Small ones (``SMALL``): statsmodels' strikes (62x2), nile (100x2: the year and the Nile's flow) and
+statecrime (51x7), and "gmm2_small", 125 rows of a 2-D three-component Gaussian mixture (a known density).
+Each is split 80/20 (split k: a permutation seeded by k) and written as train.npy / test.npy: every
+contestant sees the same rows. A table with fewer than ``FEW`` training rows has a handful of test rows, so it
+is scored over ``--splits`` splits (default 3): its NLL is the mean over the splits' test rows (each split
+weighs the same), its paired difference likewise, and "splits won" counts the splits where it is lower.
 
 Contestants, each in its own process with one thread, for the same wall time:
 - flows: ``train.py --config configs/tabular.yaml data.path=train.npy data.test_path=test.npy
@@ -18,6 +24,8 @@ Contestants, each in its own process with one thread, for the same wall time:
   test evaluation;
 - flows-mle: the same with ``configs/tabular_mle.yaml`` (maximum likelihood on the same field);
 - flows-potential: ``configs/tabular_mle.yaml`` on the potential field (OT-Flow: ``POTENTIAL`` below);
+- flows-holdout: the default recipe with one validation split whatever the size (the small-data threshold set
+  to 0 in its process): the ablation that measures the cross-validation of tables under 1,000 rows;
 - zuko: ``zuko.flows.CNF(D, hidden_features=(128, 128, 128), exact=False)``, Adam 1e-3, batch
   min(256, rows), its defaults otherwise, on the training rows standardized like ours.
 Held-out NLL in the table's own units (the standardization's log-det counted), exact trace,
@@ -52,6 +60,9 @@ TABLES = (
     "iris_petals",
     "counts22",
 )
+FEW = 150  # training rows: below this a table is scored over several train/test splits
+SMALL = ("strikes", "nile", "statecrime", "gmm2_small")  # under 150 rows: scored over several splits
+STATSMODELS = {"strikes": "strikes", "nile": "nile", "statecrime": "statecrime"}
 
 
 # ------------------------------------------------------------------ tables
@@ -125,14 +136,23 @@ def make_table(name: str):
         return _counts_and_shares(rng), None
     if name == "banana5":
         return _banana(rng, 1000, 5)
+    if name == "gmm2_small":  # 125 rows of a 2-D, 3-component Gaussian mixture (a known density)
+        return _gmm(rng, 125, 2, 3)
+    if name in STATSMODELS:  # statsmodels' bundled data sets (offline), their numeric columns
+        import statsmodels.api as sm
+
+        frame = getattr(sm.datasets, STATSMODELS[name]).load_pandas().data.select_dtypes("number")
+        return frame.to_numpy(np.float64), None
     raise SystemExit(f"unknown table {name}")
 
 
-def write_split(name: str, out: Path) -> Path:
-    folder = out / name
+def write_split(name: str, out: Path, split: int = 0) -> Path:
+    """The 80/20 split number ``split`` (a seeded permutation) as train.npy / test.npy (and the true log-density
+    of the test rows, when known) in ``out/name`` (split 0) or ``out/name/split_K``."""
+    folder = out / name if split == 0 else out / name / f"split_{split}"
     folder.mkdir(parents=True, exist_ok=True)
     values, logpdf = make_table(name)
-    perm = np.random.default_rng(0).permutation(len(values))
+    perm = np.random.default_rng(split).permutation(len(values))
     n_test = round(0.2 * len(values))
     test, train = values[perm[:n_test]], values[perm[n_test:]]
     np.save(folder / "train.npy", train.astype(np.float32))
@@ -161,6 +181,28 @@ POTENTIAL = [  # maximum likelihood on the potential field, OT-Flow's objective,
     "train.lr=1e-2",
     "train.grad_clip=1.0",
 ]
+
+
+def worker_holdout(folder: Path, minutes: float, run: Path, extra: list[str]) -> dict:
+    """The default recipe with one validation split whatever the table's size (the path above the small-data
+    threshold): the ablation that measures cross-validation."""
+    import shutil
+
+    import torch
+
+    import flows
+    from flows.training import crossval
+
+    shutil.rmtree(run, ignore_errors=True)
+    crossval.THRESHOLD = 0
+    overrides = [f"data.path={folder / 'train.npy'}", f"data.test_path={folder / 'test.npy'}"]
+    overrides += [f"train.time_limit={minutes}", f"run_dir={run}", "eval.plot=false", *extra]
+    start = time.perf_counter()
+    flows.train(str(ROOT / "configs/tabular.yaml"), overrides=overrides)
+    wall = time.perf_counter() - start
+    loaded = flows.load(run)
+    lp = exact_test_lp(loaded, torch.from_numpy(np.load(folder / "test.npy")))
+    return {"steps": loaded.step, "lp": lp.tolist(), "wall": wall}
 
 
 def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra: list[str]) -> dict:
@@ -223,6 +265,8 @@ def worker(args) -> None:
     folder, run = Path(args.folder), Path(args.run)
     if args.worker == "zuko":
         result = worker_zuko(folder, args.minutes)
+    elif args.worker == "flows-holdout":
+        result = worker_holdout(folder, args.minutes, run, args.set)
     else:
         objective = {"flows-mle": "mle", "flows-potential": "potential"}.get(args.worker, "default")
         result = worker_flows(folder, args.minutes, objective, run, args.set)
@@ -231,9 +275,9 @@ def worker(args) -> None:
 
 # ------------------------------------------------------------------ the race
 def launch(
-    contestant: str, table: str, folder: Path, minutes: float, out: Path, extra: list[str]
-) -> tuple[str, str, float, dict]:
-    tag = f"{table}_{contestant}_{minutes:g}min"
+    contestant: str, table: str, split: int, folder: Path, minutes: float, out: Path, extra: list[str]
+) -> tuple[tuple[str, int, str, float], dict]:
+    tag = f"{table}_s{split}_{contestant}_{minutes:g}min"
     result = out / "results" / f"{tag}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -253,33 +297,43 @@ def launch(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    key = (table, split, contestant, minutes)
     if proc.returncode or not result.exists():
-        return table, contestant, minutes, {"error": proc.stderr[-800:]}
-    return table, contestant, minutes, json.loads(result.read_text())
+        return key, {"error": proc.stderr[-800:]}
+    return key, json.loads(result.read_text())
 
 
-def summarize(table: str, folder: Path, contestant: str, minutes: float, res: dict, ref: dict | None) -> list:
-    n, d = np.load(folder / "train.npy").shape
-    head = [table, f"{n}x{d}", f"{minutes:g}", contestant]
-    if "error" in res:
-        return [*head, "error", res["error"].strip().splitlines()[-1][:60], "", ""]
-    lp = np.asarray(res["lp"])
-    nll, se = -lp.mean(), lp.std(ddof=1) / math.sqrt(len(lp))
-    paired = ""
-    if ref is not None and "lp" in ref and ref is not res:
-        diff = -lp + np.asarray(ref["lp"])  # NLL(this) − NLL(zuko) per row
-        paired = f"{diff.mean():+.3f} ± {diff.std(ddof=1) / math.sqrt(len(diff)):.3f}"
+def summarize(table: str, folders: list[Path], contestant: str, minutes: float, res: list, refs: list) -> list:
+    """One row: the held-out NLL over every split's test rows (each split weighs the same), the paired difference
+    to zuko on the same rows, the splits won, and the gap to the true density."""
+    n, d = np.load(folders[0] / "train.npy").shape
+    head = [table, f"{n}x{d}", f"{minutes:g}", contestant, len(folders)]
+    errors = [r for r in res if "error" in r]
+    if errors:
+        return [*head, "error", errors[0]["error"].strip().splitlines()[-1][:60], "", "", ""]
+    lps = [np.asarray(r["lp"]) for r in res]
+    nll = -np.mean([lp.mean() for lp in lps])
+    se = math.sqrt(sum(lp.var(ddof=1) / len(lp) for lp in lps)) / len(lps)
+    paired, won = "", ""
+    if all(ref is not None and "lp" in ref for ref in refs) and contestant != "zuko":
+        diffs = [-lp + np.asarray(ref["lp"]) for lp, ref in zip(lps, refs, strict=True)]  # NLL(this) − NLL(zuko)
+        mean = np.mean([x.mean() for x in diffs])
+        dse = math.sqrt(sum(x.var(ddof=1) / len(x) for x in diffs)) / len(diffs)
+        paired, won = f"{mean:+.3f} ± {dse:.3f}", f"{sum(x.mean() < 0 for x in diffs)}/{len(diffs)}"
     gap = ""
-    if (folder / "true_lp.npy").exists():
-        gap = f"{nll + np.load(folder / 'true_lp.npy').mean():.3f}"
-    return [*head, res["steps"], f"{nll:.3f} ± {se:.3f}", paired, gap]
+    if (folders[0] / "true_lp.npy").exists():
+        gap = f"{nll + np.mean([np.load(f / 'true_lp.npy').mean() for f in folders]):.3f}"
+    steps = int(np.mean([r["steps"] for r in res]))
+    return [*head, steps, f"{nll:.3f} ± {se:.3f}", paired, won, gap]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tables", default=",".join(TABLES))
+    p.add_argument("--tables", default=",".join(TABLES + SMALL))
     p.add_argument("--minutes", default="1,3", help="comma-separated budgets")
     p.add_argument("--only", default="flows,zuko,flows-mle")
+    p.add_argument("--splits", type=int, default=3, help=f"train/test splits of a table under {FEW} training rows")
+    p.add_argument("--keep", default="", help="contestants whose results already in OUT/results are read, not rerun")
     p.add_argument("--jobs", type=int, default=2, help="contestants run at once (one thread each)")
     p.add_argument("--out", default=str(ROOT / "bench/out/tabular"))
     p.add_argument("--set", action="append", default=[], help="an extra override for the flows contestants")
@@ -294,57 +348,68 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT))
     out = Path(args.out)
-    tables = args.tables.split(",")
-    folders = {t: write_split(t, out) for t in tables}
+    tables, contestants = args.tables.split(","), args.only.split(",")
+    folders = {}
+    for t in tables:
+        folders[t] = [write_split(t, out)]
+        if len(np.load(folders[t][0] / "train.npy")) < FEW:  # a handful of test rows: several splits
+            folders[t] += [write_split(t, out, k) for k in range(1, args.splits)]
     budgets = [float(m) for m in args.minutes.split(",")]
-    jobs = [(c, t, folders[t], m, out, args.set) for m in budgets for t in tables for c in args.only.split(",")]
-    start = time.perf_counter()
+    jobs = [
+        (c, t, k, f, m, out, args.set)
+        for m in budgets
+        for t in tables
+        for k, f in enumerate(folders[t])
+        for c in contestants
+    ]
+    start, keep, results = time.perf_counter(), set(args.keep.split(",")) - {""}, {}
+    for c, t, k, _, m, _, _ in jobs:
+        saved = out / "results" / f"{t}_s{k}_{c}_{m:g}min.json"
+        if c in keep and saved.exists():
+            results[(t, k, c, m)] = json.loads(saved.read_text())
+    jobs = [j for j in jobs if (j[1], j[2], j[0], j[4]) not in results]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda j: launch(*j), jobs))
-    results = {(t, c, m): r for t, c, m, r in done}
+        results |= dict(pool.map(lambda j: launch(*j), jobs))
     rows = []
     for m in budgets:
         for t in tables:
-            ref = results.get((t, "zuko", m))
-            for c in args.only.split(","):
-                rows.append(summarize(t, folders[t], c, m, results[(t, c, m)], ref))
+            splits = range(len(folders[t]))
+            refs = [results.get((t, k, "zuko", m)) for k in splits]
+            for c in contestants:
+                rows.append(summarize(t, folders[t], c, m, [results[(t, k, c, m)] for k in splits], refs))
     sys.path.insert(0, str(ROOT / "bench"))
     from common import table as fmt
 
     seconds = time.perf_counter() - start
     print(f"\n## Held-out NLL (nats, table units), equal wall time, 1 thread each ({seconds:.0f} s)\n")
-    headers = [
-        "table",
-        "train rows x cols",
-        "min",
-        "contestant",
-        "steps",
-        "NLL ± SE",
-        "− zuko (paired)",
-        "gap to truth",
-    ]
-    print(fmt(headers, rows))
+    headers = ["table", "train rows x cols", "min", "contestant", "splits", "steps", "NLL ± SE", "− zuko (paired)"]
+    print(fmt([*headers, "splits won", "gap to truth"], rows))
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    if len(budgets) > 1 and "flows" in args.only.split(","):
-        print(more_budget(results, tables, budgets))
+    if len(budgets) > 1 and "flows" in contestants:
+        print(more_budget(results, folders, budgets))
 
 
-def more_budget(results: dict, tables: list[str], budgets: list[float]) -> str:
+def more_budget(results: dict, folders: dict[str, list[Path]], budgets: list[float]) -> str:
     """The target 'more budget never hurts': flows' NLL at the longest budget minus at the shortest, paired on
-    the same test rows, against one standard error of the shorter run's NLL."""
+    the same test rows (every split), against one standard error of the shorter run's NLL."""
     from common import table as fmt
 
     short, long = min(budgets), max(budgets)
     rows = []
-    for t in tables:
-        a, b = results.get((t, "flows", short), {}), results.get((t, "flows", long), {})
-        if "lp" not in a or "lp" not in b:
+    for t, splits in folders.items():
+        pairs = [
+            (results.get((t, k, "flows", short), {}), results.get((t, k, "flows", long), {}))
+            for k in range(len(splits))
+        ]
+        if not all("lp" in a and "lp" in b for a, b in pairs):
             continue
-        lp_a, lp_b = np.asarray(a["lp"]), np.asarray(b["lp"])
-        diff = lp_a - lp_b  # NLL(long) − NLL(short) per row
-        se = lp_a.std(ddof=1) / math.sqrt(len(lp_a))
-        verdict = "met" if diff.mean() <= se else "**missed**"
-        rows.append([t, f"{-lp_a.mean():.3f}", f"{-lp_b.mean():.3f}", f"{diff.mean():+.3f}", f"{se:.3f}", verdict])
+        lp_a = [np.asarray(a["lp"]) for a, _ in pairs]
+        lp_b = [np.asarray(b["lp"]) for _, b in pairs]
+        diff = np.mean([(a - b).mean() for a, b in zip(lp_a, lp_b, strict=True)])  # NLL(long) − NLL(short)
+        se = math.sqrt(sum(a.var(ddof=1) / len(a) for a in lp_a)) / len(lp_a)
+        nll_a, nll_b = -np.mean([a.mean() for a in lp_a]), -np.mean([b.mean() for b in lp_b])
+        verdict = "met" if diff <= se else "**missed**"
+        rows.append([t, f"{nll_a:.3f}", f"{nll_b:.3f}", f"{diff:+.3f}", f"{se:.3f}", verdict])
     headers = ["table", f"{short:g} min", f"{long:g} min", "difference (paired)", "1 SE", "≤ +1 SE"]
     return f"\n## More budget: flows at {long:g} min against {short:g} min\n\n" + fmt(headers, rows)
 

@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500  # held-out NLL on eval.periodic_size points (validation split if any); 0 disables
-    evals_per_budget: int = 0  # with time_limit: also evaluate each time another 1/K of the time has passed
+    evals_per_budget: int = 0  # also evaluate each time another 1/K of the budget has passed (time_limit, or steps)
     patience: int = 0  # stop after this many validation evaluations without a new best (0: never)
     save_every: int = 500
     keep_checkpoints: int = 2

@@ -120,6 +120,12 @@ def test_the_mixture_keeps_every_member_but_those_clearly_worse_on_validation():
     assert choose(bad) == [0]
 
 
+@pytest.fixture(autouse=True)
+def members_path(monkeypatch):
+    """The members path of tables at or above the small-data threshold (below it: tests/test_crossval.py)."""
+    monkeypatch.setattr("flows.training.crossval.THRESHOLD", 0)
+
+
 def members_run(tmp_path, *extra):
     overrides = [
         f"data.path={tmp_path / 't.npy'}",

@@ -103,6 +103,7 @@ def selection_run(tmp_path, nlls, *extra, resume=False):
         f"run_dir={tmp_path / 'r'}",
         "train.eval_every=1",
         "train.time_limit=null",
+        "train.evals_per_budget=0",  # evaluations every eval_every steps only (the script's)
         *FAST,
         *extra,
     ]

@@ -15,6 +15,10 @@ def fit(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` (resumed from its run directory's checkpoint with ``resume``); the final held-out evaluation.
     The run directory is locked meanwhile (:func:`flows.training.lock.run_lock`: one writer at a time)."""
     with run_lock(cfg.run_dir):
+        from flows.training.crossval import small_data, train_crossval
+
+        if small_data(cfg):  # few rows: k-fold cross-validation instead of one small validation split
+            return train_crossval(cfg, resume)
         if cfg.train.members > 1:  # a mixture trained member by member
             from flows.training.members import train_members
 

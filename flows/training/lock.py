@@ -63,6 +63,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         yield
         return
     root = Path(run_dir)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again if the run leaves them empty
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
     try:
@@ -90,3 +91,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             handle.truncate()
     finally:
         handle.close()  # releases the lock; the file stays (a later run takes it over)
+        if created and {p.name for p in root.iterdir()} == {LOCK_FILE}:  # a run refused before it wrote anything
+            (root / LOCK_FILE).unlink()
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

@@ -37,7 +37,7 @@ from flows.report import final_pictures
 from flows.training.accelerator import end, new_accelerator
 from flows.training.trainer import Trainer
 
-__all__ = ["train_members", "choose", "MIN_SHARE"]
+__all__ = ["train_members", "choose", "mix", "MIN_SHARE"]
 
 MIN_SHARE = 0.2  # a member starts only while this share of the time budget is left
 MEMBER_FILE = "member.json"  # in a member's folder once it is finished: the budget it used
@@ -125,11 +125,12 @@ def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:
         used += seconds
         first = seconds if first is None else first
         trained.append(folder)
-    return _mix(cfg, trained, used)
+    return mix(cfg, trained, used)
 
 
-def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
-    """Choose the mixture on the validation rows, write its inference file, evaluate it on the test rows."""
+def mix(cfg: Config, trained: list[Path], used: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Choose the mixture on the validation rows (every member without them), write its inference file, evaluate
+    it on the test rows; ``eval.json`` has the result and ``extra`` (what a caller chose)."""
     root = Path(cfg.run_dir)
     acc = new_accelerator(cfg)
     data = make_data(cfg)
@@ -170,7 +171,7 @@ def _mix(cfg: Config, trained: list[Path], used: float) -> dict[str, Any]:
     lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, context=data.test_context, **opts)
     result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
-    result |= {"members": len(members), "chosen": chosen}
+    result |= {"members": len(members), "chosen": chosen, **(extra or {})}
     if val_lp is not None:
         mixed = torch.logsumexp(val_lp[chosen], 0) - math.log(len(chosen))
         result |= {"val_nll": float(-mixed.mean()), "member_val_nll": [float(-v) for v in val_lp.mean(1)]}

@@ -119,8 +119,8 @@ class Plan:
 
 
 class EvalSchedule:
-    """Periodic evaluations: every ``train.eval_every`` steps and, with a time limit and
-    ``train.evals_per_budget`` = K, at K evenly spaced marks of the budget and at steps 25, 50, 100, 200, ...
+    """Periodic evaluations: every ``train.eval_every`` steps and, with ``train.evals_per_budget`` = K, at K
+    evenly spaced marks of the budget (the time limit's work, or ``train.steps``) and at steps 25, 50, 100, 200, ...
     before the first of them (a small table overfits within a few hundred steps, before the first 1/K).
 
     The early steps are fixed numbers, and a mark is a share of the larger of ``step / train.steps`` and
@@ -132,7 +132,7 @@ class EvalSchedule:
         self.tc, self.progress = tc, progress
         self.last_eval_step = -1
         self.evals_by_mark = 0  # marks already evaluated at
-        k = tc.evals_per_budget if tc.time_limit is not None else 0
+        k = tc.evals_per_budget  # of the time budget, or of train.steps without one
         self._marks = [i / k for i in range(1, k + 1)]  # asked every step: made once
 
     def marks(self) -> list[float]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from flows.build import init_from, make_context, make_data, make_field, make_flow, make_objective
 from flows.config import Config
+from flows.data import Data
 from flows.data.batches import Batches
 from flows.errors import TrainingAborted
 from flows.evaluation import describe, gathered_log_prob, summarize
@@ -43,8 +44,12 @@ __all__ = ["Trainer"]
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    """One run of ``cfg``. ``data``: these splits instead of ``cfg.data``'s (a fold of the cross-validation);
+    ``stop_at``: end at this step, the learning-rate schedule still spanning ``train.steps`` (a refit)."""
+
+    def __init__(self, cfg: Config, resume: bool = False, data: Data | None = None, stop_at: int | None = None):
         self.cfg, tc = cfg, cfg.train
+        self.stop_at = stop_at
         self.accelerator = acc = new_accelerator(cfg)
         if tc.batch_size % (acc.num_processes * tc.grad_accum):
             raise TrainingAborted(
@@ -52,7 +57,7 @@ class Trainer:
                 f"({acc.num_processes}) x train.grad_accum ({tc.grad_accum})."
             )
         set_seed(tc.seed)  # identical initial weights on every process
-        self.data = make_data(cfg)
+        self.data = make_data(cfg) if data is None else data
         self.data.preprocess = self.data.preprocess.to(acc.device)
         self.context = make_context(cfg, self.data)  # None: unconditional
         if self.context is not None:
@@ -250,7 +255,8 @@ class Trainer:
         )  # a log file: a line every 30 s
         batches, budget = self.batches(), 60 * tc.time_limit if tc.time_limit is not None else None
         self.objective.train()
-        while progress.step < tc.steps:
+        last = tc.steps if self.stop_at is None else min(tc.steps, self.stop_at)
+        while progress.step < last:
             if progress.horizon is not None and progress.work >= progress.horizon:
                 acc.print(f"the planned work of the time budget is done at step {progress.step}")
                 break
@@ -276,7 +282,7 @@ class Trainer:
             if log_now:
                 self._log_step(record, t0, bar)
             stop = self._fix_plan() if self._plan_due(log_now) else False
-            if not stop and self.schedule.due(progress.step) and progress.step < tc.steps:
+            if not stop and self.schedule.due(progress.step) and progress.step < last:
                 stop = self._periodic()
             if stop:
                 acc.print(
