@@ -24,14 +24,21 @@ from flows.training.crossval import STATE, fold_indices, small_data, still_falli
 
 CONFIG = ROOT / "configs" / "tabular.yaml"
 QUICK = [
-    "train.time_limit=0.05",  # 3 s: folds of the minimum horizon
+    "train.time_limit=0.15",  # 9 s: folds of a few hundred steps
     "train.members=3",
+    "train.evals_per_budget=5",  # cheap curves
     "model.hidden=[16,16]",
     "eval.solver.method=rk4",
     "eval.solver.step_size=0.25",
     "eval.trace=exact",
     *FAST,
 ]
+
+
+@pytest.fixture(autouse=True)
+def short_folds(monkeypatch):
+    """Folds of a few hundred steps count as long enough here (the tests' budgets are seconds)."""
+    monkeypatch.setattr(crossval, "MIN_FOLD_STEPS", 50)
 
 
 def overrides(tmp_path, *extra):
@@ -118,6 +125,16 @@ def test_a_context_run_with_few_rows_is_cross_validated(tmp_path):
     assert torch.isfinite(model.log_prob(torch.zeros(2, 2), context=x)).all()
 
 
+def test_a_budget_too_short_for_useful_folds_keeps_the_validation_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(crossval, "MIN_FOLD_STEPS", 10**9)
+    table(tmp_path / "t.npy", 60)
+    run = flows.train(CONFIG, overrides=overrides(tmp_path))
+    result = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert result["selection"] == "validation split" and run.result["selection"] == "validation split"
+    assert "member_val_nll" in result and not (tmp_path / "r" / "folds").exists()
+    assert flows.load(run).sample(3).shape == (3, 3)
+
+
 def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
@@ -132,7 +149,7 @@ def test_a_kill_during_a_fold_or_a_refit_resumes_to_the_same_model(tmp_path, kil
     again = tmp_path / "again"
     again.mkdir()
     shutil.copy(reference / "config.yaml", again / "config.yaml")
-    timing = ("folds", "rows", "threshold", "step_seconds", "eval_seconds", "horizon", "timing_seconds")
+    timing = ("selection", "folds", "rows", "threshold", "step_seconds", "eval_seconds", "horizon", "timing_seconds")
     (again / STATE).write_text(json.dumps({k: state[k] for k in timing}))
     cmd = [sys.executable, "train.py", "--resume", str(again)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

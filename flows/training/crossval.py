@@ -19,6 +19,10 @@ Instead:
    plain flow). "Still falls": the chosen step lies in the last tenth of ``H`` and beats the middle of the curve
    by more than two standard errors of the per-fold gains (a flat, noisy end does not count).
 
+When the budget fits fold runs of fewer than ``MIN_FOLD_STEPS`` steps (a short budget, slow steps or slow
+evaluations), the folds would end while the curve still falls: the run then keeps one validation split and
+the members, as above the threshold, and ``eval.json`` says ``"selection": "validation split"``.
+
 Every fold and refit is a fixed-step run (no clock), so a run killed at any point resumes to the same
 result: ``cv.json`` keeps the horizon (and, once chosen, ``s*`` and the number of members), finished folds and
 members keep their results, and one in progress starts again. ``eval.json`` says what was chosen.
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 import yaml
 
+from flows import checkpoint
 from flows.build import make_data
 from flows.config import Config, to_dict
 from flows.data import DATASETS, Data
@@ -50,7 +55,7 @@ THRESHOLD = 1000  # training rows (before the validation split) below which cros
 FOLDS = 5
 CV_SHARE = 0.5  # of the time budget: the fold runs together
 STILL_FALLING = 0.9  # s* at or past this share of H: the curve had not turned; one long refit instead
-MIN_HORIZON = 200  # steps of a fold run, whatever the timing says
+MIN_FOLD_STEPS = 1000  # a budget that fits shorter fold runs keeps the validation split (measured: see the guide)
 STATE = "cv.json"
 DONE = "done.json"  # in a fold's or member's folder once it is finished
 
@@ -248,8 +253,10 @@ class CrossValidation:
             shutil.rmtree(folder, ignore_errors=True)
         share = CV_SHARE * self.budget / FOLDS
         evals = self.cfg.train.evals_per_budget + 4
-        horizon = min(self.cfg.train.steps, max(MIN_HORIZON, int((share - 1.25 * evals * eval_s) / step_s)))
+        horizon = max(1, min(self.cfg.train.steps, int((share - 1.25 * evals * eval_s) / step_s)))
+        selection = "cross-validation" if horizon >= MIN_FOLD_STEPS else "validation split"
         self.state |= {
+            "selection": selection,
             "folds": FOLDS,
             "rows": len(self.pool.train),
             "threshold": THRESHOLD,
@@ -259,10 +266,16 @@ class CrossValidation:
             "timing_seconds": time.perf_counter() - t0,
         }
         self._save()
-        self.acc.print(
-            f"small data ({len(self.pool.train)} training rows < {THRESHOLD}): {FOLDS}-fold cross-validation, "
-            f"folds of {horizon} steps"
-        )
+        if selection == "cross-validation":
+            self.acc.print(
+                f"small data ({len(self.pool.train)} training rows < {THRESHOLD}): {FOLDS}-fold cross-validation, "
+                f"folds of {horizon} steps"
+            )
+        else:
+            self.acc.print(
+                f"small data ({len(self.pool.train)} training rows), but the budget fits folds of only {horizon} "
+                f"steps (< {MIN_FOLD_STEPS}): one validation split, as for larger tables"
+            )
 
     def _cross_validate(self) -> None:
         if "stop_step" in self.state:
@@ -319,6 +332,8 @@ class CrossValidation:
                 (self.root / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.acc.wait_for_everyone()
         self._timing()
+        if self.state["selection"] != "cross-validation":
+            return self._split()
         self._cross_validate()
         trained = self._refit()
         s = self.state
@@ -333,6 +348,23 @@ class CrossValidation:
             "fold_best_steps": s["fold_best_steps"],
         }
         return mix(_pool_config(self.cfg), trained, self._used(), chosen)
+
+    def _split(self) -> dict[str, Any]:
+        """Today's path (one validation split, members), when the budget is too short for useful fold runs."""
+        from flows.training.members import train_members
+        from flows.training.trainer import Trainer
+
+        if self.cfg.train.members > 1:
+            result = train_members(self.cfg, (self.root / "members").exists())
+        else:
+            result = Trainer(self.cfg, checkpoint.latest_checkpoint(self.root) is not None).run_and_end()
+        s = self.state
+        chosen = {k: s[k] for k in ("selection", "rows", "threshold", "horizon")}
+        if self.acc.is_main_process:
+            written = json.loads((self.root / "eval.json").read_text())
+            (self.root / "eval.json").write_text(json.dumps(written | chosen, indent=2))
+        self.acc.wait_for_everyone()
+        return result | chosen
 
 
 def train_crossval(cfg: Config, resume: bool = False) -> dict[str, Any]:
