@@ -188,8 +188,6 @@ def worker_holdout(folder: Path, minutes: float, run: Path, extra: list[str]) ->
     threshold): the ablation that measures cross-validation."""
     import shutil
 
-    import torch
-
     import flows
     from flows.training import crossval
 
@@ -199,7 +197,15 @@ def worker_holdout(folder: Path, minutes: float, run: Path, extra: list[str]) ->
     overrides += [f"train.time_limit={minutes}", f"run_dir={run}", "eval.plot=false", *extra]
     start = time.perf_counter()
     flows.train(str(ROOT / "configs/tabular.yaml"), overrides=overrides)
-    wall = time.perf_counter() - start
+    return scored(run, folder, time.perf_counter() - start)
+
+
+def scored(run: Path, folder: Path, wall: float) -> dict:
+    """A flows contestant's result: its steps and the exact log-density of every test row."""
+    import torch
+
+    import flows
+
     loaded = flows.load(run)
     lp = exact_test_lp(loaded, torch.from_numpy(np.load(folder / "test.npy")))
     return {"steps": loaded.step, "lp": lp.tolist(), "wall": wall}
@@ -226,14 +232,7 @@ def worker_flows(folder: Path, minutes: float, objective: str, run: Path, extra:
     wall = time.perf_counter() - start
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout)[-800:]}
-    import torch
-
-    import flows
-
-    loaded = flows.load(run)
-    test = torch.from_numpy(np.load(folder / "test.npy"))
-    lp = exact_test_lp(loaded, test)
-    return {"steps": loaded.step, "lp": lp.tolist(), "wall": wall}
+    return scored(run, folder, wall)
 
 
 def worker_zuko(folder: Path, minutes: float) -> dict:

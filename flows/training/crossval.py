@@ -48,6 +48,7 @@ from flows.data import DATASETS, Data
 from flows.errors import TrainingAborted
 from flows.flowfile import MODEL_FILE
 from flows.training.accelerator import new_accelerator
+from flows.training.schedule import EvalSchedule, Progress
 
 __all__ = ["THRESHOLD", "FOLDS", "small_data", "train_crossval", "fold_indices", "stopping_step", "still_falling"]
 
@@ -179,15 +180,11 @@ class CrossValidation:
         self.state = json.loads((self.root / STATE).read_text())  # every process: the main one's figures
 
     def _used(self) -> float:
-        return self.state.get("timing_seconds", 0.0) + sum(r["budget_seconds"] for r in self._finished().values())
-
-    def _finished(self) -> dict[str, dict[str, Any]]:
-        done = {}
-        for kind in ("folds", "members"):
-            for folder in sorted((self.root / kind).glob("*")):
-                if (folder / DONE).exists():
-                    done[f"{kind}/{folder.name}"] = json.loads((folder / DONE).read_text())
-        return done
+        """Seconds of the budget used: the timing and every finished fold and member."""
+        done = [
+            json.loads(p.read_text()) for kind in ("folds", "members") for p in (self.root / kind).glob(f"*/{DONE}")
+        ]
+        return self.state.get("timing_seconds", 0.0) + sum(r["budget_seconds"] for r in done)
 
     def _run(self, kind: str, k: int, cfg: Config, data: Data | None, stop_at: int | None = None) -> dict[str, Any]:
         """Train one fold or member (again from its start if it was killed: a fixed-step run repeats exactly)."""
@@ -252,7 +249,7 @@ class CrossValidation:
         if self.acc.is_main_process:
             shutil.rmtree(folder, ignore_errors=True)
         share = CV_SHARE * self.budget / FOLDS
-        evals = self.cfg.train.evals_per_budget + 4
+        evals = EvalSchedule(cfg.train, Progress()).evals_left()  # those of a fold run, as its plan would count
         horizon = max(1, min(self.cfg.train.steps, int((share - 1.25 * evals * eval_s) / step_s)))
         selection = "cross-validation" if horizon >= MIN_FOLD_STEPS else "validation split"
         self.state |= {
@@ -351,13 +348,10 @@ class CrossValidation:
 
     def _split(self) -> dict[str, Any]:
         """Today's path (one validation split, members), when the budget is too short for useful fold runs."""
-        from flows.training.members import train_members
-        from flows.training.trainer import Trainer
+        from flows.training.members import train_split
 
-        if self.cfg.train.members > 1:
-            result = train_members(self.cfg, (self.root / "members").exists())
-        else:
-            result = Trainer(self.cfg, checkpoint.latest_checkpoint(self.root) is not None).run_and_end()
+        started = (self.root / "members").exists() or checkpoint.latest_checkpoint(self.root) is not None
+        result = train_split(self.cfg, started)
         s = self.state
         chosen = {k: s[k] for k in ("selection", "rows", "threshold", "horizon")}
         if self.acc.is_main_process:

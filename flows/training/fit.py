@@ -19,10 +19,6 @@ def fit(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
         if small_data(cfg):  # few rows: k-fold cross-validation instead of one small validation split
             return train_crossval(cfg, resume)
-        if cfg.train.members > 1:  # a mixture trained member by member
-            from flows.training.members import train_members
+        from flows.training.members import train_split
 
-            return train_members(cfg, resume)
-        from flows.training.trainer import Trainer
-
-        return Trainer(cfg, resume).run_and_end()
+        return train_split(cfg, resume)

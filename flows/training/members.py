@@ -37,7 +37,7 @@ from flows.report import final_pictures
 from flows.training.accelerator import end, new_accelerator
 from flows.training.trainer import Trainer
 
-__all__ = ["train_members", "choose", "mix", "MIN_SHARE"]
+__all__ = ["train_members", "train_split", "choose", "mix", "MIN_SHARE"]
 
 MIN_SHARE = 0.2  # a member starts only while this share of the time budget is left
 MEMBER_FILE = "member.json"  # in a member's folder once it is finished: the budget it used
@@ -79,6 +79,13 @@ def _share(left: float | None, first: float | None, slots: int) -> float | None:
     if left is None or first is None:  # no limit, or the first member: all of it
         return left
     return left / max(1, min(slots, math.floor(left / first)))
+
+
+def train_split(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """A run with one validation split: a mixture trained member by member (``train.members`` > 1), or one flow."""
+    if cfg.train.members > 1:
+        return train_members(cfg, resume)
+    return Trainer(cfg, resume).run_and_end()
 
 
 def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:
