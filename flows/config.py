@@ -144,11 +144,17 @@ class EvalConfig:
     trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for a vector field with dim <= 64
     batch_size: int | None = None  # points per solve; None: chosen by the evaluator from the device's memory
     periodic_size: int = 2000  # held-out points used by the periodic evaluations
+    augment_samples: int = 8  # model.augment > 0: augmentations per point of the likelihood bound (K; flows.augment)
     plot: bool = True  # 2D data: samples and density pictures at the end
 
     def check(self, prefix: str = "eval.") -> None:
         self.solver.check(f"{prefix}solver.")
-        _raise_first([(self.batch_size is None or self.batch_size > 0, f"{prefix}batch_size must be > 0")])
+        _raise_first(
+            [
+                (self.batch_size is None or self.batch_size > 0, f"{prefix}batch_size must be > 0"),
+                (self.augment_samples > 0, f"{prefix}augment_samples must be > 0"),
+            ]
+        )
 
 
 # the typed variants: section -> its registry of kinds (each kind's ``settings`` class)

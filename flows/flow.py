@@ -15,6 +15,11 @@ estimate of log p, since the trajectory does not depend on the probe) and import
 ``deq_samples`` uniform dequantizations, log P(v) ≥ log (1/K Σ_k p(y_k)) (the K-sample bound used by
 flow matching and Flow++).
 
+Augmented flows (``model.augment`` = A > 0, :mod:`flows.augment`) solve in D + A dimensions: ``sample``
+returns the data part, ``log_prob`` is the importance-weighted lower bound over ``augment_samples`` draws of
+the augmentation (its info says ``likelihood: "lower bound"``), and ``encode``/``decode`` are refused (a data
+point has no single base point: it depends on the augmentation drawn with it).
+
 Conditional flows (``flow.context`` is a :class:`flows.context.Context`) take ``context=`` in every
 operation, in the data's units: a context vector (C,) or one per point (N, C), or class labels (an int, or
 one per point). ``sample(n, context=c)`` gives (n, *shape) for one context and (K, n, *shape) for K
@@ -33,6 +38,7 @@ from typing import Any, TypedDict, Unpack
 import torch
 from torch import Tensor, nn
 
+from flows import augment as aug
 from flows.context import Context, guided
 from flows.errors import FlowsError
 from flows.likelihood import auto_trace, log_prob
@@ -46,6 +52,7 @@ __all__ = ["Flow", "SolveOptions"]
 # points per solve on a device whose free memory cannot be read (a CPU); elsewhere flows.memory.auto_batch decides
 CHUNK = 10_000  # sample, encode, decode
 LOG_PROB_BATCH = 1000
+AUGMENT_SAMPLES = 8  # an augmented flow's importance samples per point in log_prob (K)
 
 
 class SolveOptions(TypedDict, total=False):
@@ -96,6 +103,23 @@ class Flow:
         return param.device if param is not None else torch.device("cpu")
 
     @property
+    def augment(self) -> int:
+        """Extra dimensions (vectors) or channels (images) the field solves in (``model.augment``; 0: a plain
+        flow)."""
+        return aug.augment_of(self.field)
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """The shape of one point of the ODE's state: :attr:`shape`, augmented by :attr:`augment`."""
+        return aug.augmented_shape(self.shape, self.augment)
+
+    @property
+    def likelihood(self) -> str:
+        """What :meth:`log_prob` gives: ``"exact"``, or ``"lower bound"`` for an augmented flow (importance-weighted
+        over its augmentation)."""
+        return aug.BOUND if self.augment else "exact"
+
+    @property
     def levels(self) -> int | None:
         """Number of discrete values per dimension (discrete data), else None."""
         return self.preprocess.levels
@@ -109,6 +133,7 @@ class Flow:
 
     def __repr__(self) -> str:
         given = f", context={self.context.describe()!r}" if self.context is not None else ""
+        given += f", augment={self.augment}" if self.augment else ""
         return (
             f"Flow({type(self.field).__name__}, shape={self.shape}{given}, step={self.step}, "
             f"device={self.device}, path={str(self.path) if self.path else None!r})"
@@ -251,7 +276,7 @@ class Flow:
             info["label"] = rows
         if k > 1:
             x = x.reshape(k, n, *self.shape)
-            info["noise"] = info["noise"].reshape(k, n, *self.shape)
+            info["noise"] = info["noise"].reshape(k, n, *self.state_shape)
         return self._result(x, info, solver, start, return_info)
 
     def _draw(
@@ -269,8 +294,10 @@ class Flow:
         c = self.context.model(context) if context is not None else None
         field = self.guided_field(guidance)
         chunk = chunk or self.batch(n, CHUNK, context=c, copies=2 if guidance else 1)
-        res = sample(field, n, self.shape, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
-        x = self.context.color(res.x, c) if c is not None else res.x
+        state = self.state_shape
+        res = sample(field, n, state, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
+        x = aug.data_part(res.x, self.shape) if self.augment else res.x
+        x = self.context.color(x, c) if c is not None else x
         return self._to_data(x), {**self._info(res), "noise": res.z}
 
     @torch.no_grad()
@@ -285,6 +312,7 @@ class Flow:
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`); a conditional
         flow's ``context``: one for all points or one per point."""
+        self._refuse_augmented("decode")
         solver = self.solve_options(**solve)
         start = time.perf_counter()
         z = self._as_data(z, "decode")
@@ -310,6 +338,7 @@ class Flow:
         Discrete data is placed at the centre of its dequantization cell, so ``decode(encode(x))``
         returns the same levels. A conditional flow's ``context``: one for all points or one per point.
         """
+        self._refuse_augmented("encode")
         solver = self.solve_options(**solve)
         start = time.perf_counter()
         model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
@@ -318,6 +347,14 @@ class Flow:
         chunk = chunk or self.batch(len(model_x), CHUNK, context=c)
         res = encode(self.field, model_x, chunk=chunk, progress=progress, context=c, **solver)
         return self._result(res.x, self._info(res), solver, start, return_info)
+
+    def _refuse_augmented(self, what: str) -> None:
+        if self.augment:
+            raise FlowsError(
+                f"{what}: this flow is augmented (model.augment={self.augment}): it maps the pair (x, a) of a data "
+                "point and an augmentation a ~ N(0, I) to a base point, so a data point alone has no single base "
+                "point (nor a base point a single data point). Use sample() for data, log_prob() for its bound."
+            )
 
     @torch.no_grad()
     def log_prob(
@@ -328,12 +365,14 @@ class Flow:
         trace: str = "auto",
         probes: int = 1,
         deq_samples: int = 1,
+        augment_samples: int = AUGMENT_SAMPLES,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         return_info: bool = False,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        """Exact log-density of each point, every preprocessing log-determinant counted.
+        """Exact log-density of each point (an augmented flow: a lower bound), every preprocessing log-determinant
+        counted.
 
         Args:
             x: ``(N, *shape)`` in data units (discrete data: the integer levels).
@@ -344,19 +383,22 @@ class Flow:
                 ``probes`` probes per point, averaged) or ``"auto"`` (exact for a vector field of
                 dimension ≤ 64, and always for a field with an analytic divergence).
             deq_samples: discrete data: importance-weighted over this many dequantizations (a tighter bound).
+            augment_samples: an augmented flow: importance-weighted over this many augmentations a ~ N(0, I),
+                K in log (1/K) Σ_k p(x, a_k) / q(a_k), a lower bound that tightens as K grows (:mod:`flows.augment`).
             generator: for probes and dequantization noise; must live on ``self.device``.
             **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
                 solver).
             batch_size: points per solve (bounds memory); default: as many as fit in the device's free memory
                 (:func:`flows.memory.auto_batch`), 1,000 on a CPU.
             return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
-                per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``, ``solver``.
+                per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``,
+                ``augment_samples``, ``likelihood`` ("exact" or "lower bound"), ``solver``.
 
         Returns:
             ``(N,)`` float64 on ``self.device`` (and the info dict); −inf for a point on or outside the run's
             ``data.bounds`` (no solve).
         """
-        opts = self.log_prob_options(trace, probes, deq_samples, **solve)
+        opts = self.log_prob_options(trace, probes, deq_samples, augment_samples, **solve)
         if batch_size is not None and batch_size <= 0:
             raise FlowsError("batch_size must be positive")
         start = time.perf_counter()
@@ -387,7 +429,9 @@ class Flow:
         (:func:`flows.memory.auto_batch`), ``default`` on a CPU. ``trace``: a log-density solve; ``context``: model
         space rows of the context; ``copies``: solves of each point at once (probes x dequantizations, guidance)."""
         return max(
-            1, auto_batch(self.field, self.shape, n * copies, default * copies, trace=trace, context=context) // copies
+            1,
+            auto_batch(self.field, self.state_shape, n * copies, default * copies, trace=trace, context=context)
+            // copies,
         )
 
     def log_prob_batch(
@@ -398,24 +442,32 @@ class Flow:
         if self.context is not None:  # a context row to measure with (a label for the marginal's solves)
             some = context[:1] if context is not None else torch.zeros(1, dtype=torch.long, device=self.device)
             context = self.context.model(some.to(self.device))
-        copies = opts["probes"] * opts["deq_samples"]
+        copies = opts["probes"] * opts["deq_samples"] * opts["augment_samples"]
         solver = opts["solver"]
         if opts["trace"] == "exact" and (solver.get("compile") or solver.get("checkpoint")):
-            copies *= self.dim  # forward mode: the D Jacobian columns are one vmapped batch of D copies
+            copies *= math.prod(self.state_shape)  # forward mode: the Jacobian columns, one vmapped batch
         return self.batch(n, default, trace=True, context=context, copies=copies)
 
     def log_prob_options(
-        self, trace: str = "auto", probes: int = 1, deq_samples: int = 1, **solve: Unpack[SolveOptions]
+        self,
+        trace: str = "auto",
+        probes: int = 1,
+        deq_samples: int = 1,
+        augment_samples: int = AUGMENT_SAMPLES,
+        **solve: Unpack[SolveOptions],
     ) -> dict[str, Any]:
-        """What :meth:`log_prob` resolves its arguments to: ``trace`` ("auto" decided), ``probes`` and
-        ``deq_samples`` (1 where they do not apply) and ``solver``; what its info dict reports of them."""
-        trace = auto_trace(trace, self.field, self.shape)
-        if probes <= 0 or deq_samples <= 0:
-            raise FlowsError("probes and deq_samples must be positive")
+        """What :meth:`log_prob` resolves its arguments to: ``trace`` ("auto" decided), ``probes``, ``deq_samples``
+        and ``augment_samples`` (1 where they do not apply), ``likelihood`` and ``solver``; what its info dict
+        reports of them."""
+        trace = auto_trace(trace, self.field, self.state_shape)
+        if probes <= 0 or deq_samples <= 0 or augment_samples <= 0:
+            raise FlowsError("probes, deq_samples and augment_samples must be positive")
         return {
             "trace": trace,
             "probes": probes if trace == "hutchinson" else 1,
             "deq_samples": deq_samples if self.levels is not None else 1,
+            "augment_samples": augment_samples if self.augment else 1,
+            "likelihood": self.likelihood,
             "solver": dict(self.solve_options(**solve)),
         }
 
@@ -426,19 +478,24 @@ class Flow:
         ``context``: one row per point in data units (None on a label-conditional flow: the marginal)."""
         if context is None and self.context is not None:
             return self._marginal_batch(raw, opts, generator)
-        pre, probes, deq, b = self.preprocess, opts["probes"], opts["deq_samples"], raw.shape[0]
-        reps = raw.repeat(deq * probes, *([1] * (raw.ndim - 1)))  # (deq * probes * B, ...)
+        pre, probes, b = self.preprocess, opts["probes"], raw.shape[0]
+        draws = opts["deq_samples"] * opts["augment_samples"]  # importance samples (dequantization, augmentation)
+        reps = raw.repeat(draws * probes, *([1] * (raw.ndim - 1)))  # (draws * probes * B, ...)
         noise = torch.rand(reps.shape, generator=generator, device=raw.device) if pre.levels is not None else None
         x = pre(reps, noise=noise)
         c, z, log_det = None, x, pre.log_det(x)
         if context is not None:  # the conditional standardization, if any: an affine map with a constant log-det
-            c = self.context.model(context).repeat(deq * probes, *([1] * (context.ndim - 1)))
+            c = self.context.model(context).repeat(draws * probes, *([1] * (context.ndim - 1)))
             z, log_det = self.context.whiten(x, c), log_det + self.context.whiten_log_det()
+        if self.augment:  # one augmentation per importance sample, shared by its probes: log p(x, a) − log q(a)
+            a = aug.draw(z[: draws * b], self.augment, generator)
+            a = a.reshape(draws, 1, b, *a.shape[1:]).expand(-1, probes, *([-1] * a.ndim)).flatten(0, 2)
+            z, log_det = aug.join(z, a), log_det - aug.log_q(a).double()
         res = log_prob(self.field, z, trace=opts["trace"], generator=generator, context=c, **opts["solver"])
-        lp = (res.log_prob.double() + log_det).reshape(deq, probes, b)
+        lp = (res.log_prob.double() + log_det).reshape(draws, probes, b)
         var = lp.var(1).mean(0) if probes > 1 else torch.zeros(b, dtype=torch.float64, device=lp.device)
         lp = lp.mean(1)  # unbiased over probes
-        lp = torch.logsumexp(lp, 0) - math.log(deq)  # importance-weighted over dequantizations
+        lp = torch.logsumexp(lp, 0) - math.log(draws)  # importance-weighted over dequantizations and augmentations
         return lp, var, res.nfe.forward
 
     def _marginal_batch(

@@ -30,8 +30,8 @@ class Mixture(Flow):
         if not members:
             raise FlowsError("a mixture needs at least one member")
         first = members[0]
-        if any(m.shape != first.shape or m.levels != first.levels for m in members):
-            raise FlowsError("the members of a mixture must model the same data (shape and levels)")
+        if any(m.shape != first.shape or m.levels != first.levels or m.augment != first.augment for m in members):
+            raise FlowsError("the members of a mixture must model the same data (shape, levels and augmentation)")
         w = torch.full((len(members),), 1.0 / len(members), dtype=torch.float64, device="cpu")
         if weights is not None:
             w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
@@ -82,7 +82,7 @@ class Mixture(Flow):
         device = self.device
         which = torch.multinomial(self.weights.to(device).float(), n, replacement=True, generator=generator)
         out = torch.empty((n, *self.shape), device=device)
-        noise = torch.empty((n, *self.shape), device=device)
+        noise = torch.empty((n, *self.state_shape), device=device)  # an augmented flow's noise: D + A
         kinetic = torch.empty(n, device=device)
         info: dict[str, Any] = {"nfe": 0, "kinetic_energy": 0.0, "straightness": 0.0}
         for m, member in enumerate(self.members):

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from flows import augment as aug
+from flows.compiling import EagerFallback
 from flows.context import Context
 from flows.coupling import COUPLINGS
 from flows.errors import ConfigError, unknown_value
@@ -108,13 +110,20 @@ class MaximumLikelihood(nn.Module):
     def __init__(self, field: nn.Module, settings: MLESettings, solver: SolverOptions, null: int | None = None):
         super().__init__()
         self.field, self.settings, self.solver, self.null = field, settings, dict(solver), null
+        self.augment = aug.augment_of(field)
 
     def draw(self, x: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
-        """The step's random draws: the context (label dropout); a Hutchinson probe is drawn inside each solve."""
-        return draw_context(context, self.settings.label_dropout, self.null)
+        """The step's random draws: the context (label dropout), an augmented field's augmentation a ~ N(0, I); a
+        Hutchinson probe is drawn inside each solve."""
+        draws = draw_context(context, self.settings.label_dropout, self.null)
+        return draws | ({"augment": aug.draw(x, self.augment)} if self.augment else {})
 
     def forward(self, x: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
         s = self.settings
+        draws = draws if draws is not None else self.draw(x)
+        a = draws.get("augment")
+        if a is not None:  # the joint (x, a): −log p(x, a) + log q(a) is the negative ELBO of log p(x)
+            x = aug.join(x, a)
         res = log_prob(
             self.field,
             x,
@@ -123,10 +132,10 @@ class MaximumLikelihood(nn.Module):
             kinetic=s.kinetic > 0,
             jacobian=s.jacobian > 0,
             hjb=s.hjb > 0,
-            context=(draws or {}).get("context"),
+            context=draws.get("context"),
             **self.solver,
         )
-        nll = -res.log_prob.mean()
+        nll = -(res.log_prob if a is None else res.log_prob - aug.log_q(a)).mean()
         loss = nll
         stats: dict[str, Any] = {"nll": nll.detach(), "nfe": res.nfe}
         for name, integral in (("kinetic", res.kinetic), ("jacobian", res.jacobian), ("hjb", res.hjb)):
@@ -151,18 +160,25 @@ class FlowMatching(nn.Module):
         self.coupling = COUPLINGS[settings.coupling]
         # torch.compile'd field for the regression; kept out of the module tree (set through __dict__) so
         # that state dicts and checkpoints hold the plain field's keys and load with or without compile
-        self.__dict__["_forward_field"] = torch.compile(field) if compile else field
+        # (a machine that cannot compile regresses eagerly, with one notice)
+        compiled = EagerFallback(torch.compile(field), field, "the field (train.compile)") if compile else field
+        self.__dict__["_forward_field"] = compiled
+        self.augment = aug.augment_of(field)
 
     def draw(self, x1: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
-        """The noise x₀ and the times t for a batch, one row per sample: drawn for a whole batch, then sliced
-        into micro-batches (gradient accumulation), they give the same per-sample draws as one batch."""
+        """The noise x₀ and the times t for a batch, one row per sample (an augmented field: its augmentation a ~
+        N(0, I), and x₀ in D + A dimensions): drawn for a whole batch, then sliced into micro-batches (gradient
+        accumulation), they give the same per-sample draws as one batch."""
         s = self.settings
-        x0 = torch.randn_like(x1)
+        extra = {"augment": aug.draw(x1, self.augment)} if self.augment else {}
+        x0 = torch.randn_like(aug.join(x1, extra["augment"]) if extra else x1)
         t = sample_time(len(x1), s.time_sampling, s.logit_normal_mean, s.logit_normal_std, x1.device)
-        return {"x0": x0, "t": t} | draw_context(context, s.label_dropout, self.null)
+        return {"x0": x0, "t": t} | extra | draw_context(context, s.label_dropout, self.null)
 
     def forward(self, x1: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
         draws = draws or self.draw(x1)
+        if "augment" in draws:  # the data of the joint: the pairs (x, a)
+            x1 = aug.join(x1, draws["augment"])
         context = draws.get("context")
         x0, x1 = self._couple(draws["x0"], x1, context)
         t = draws["t"]

@@ -16,6 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from flows.compiling import EagerFallback
 from flows.dynamics import Dynamics
 from flows.errors import ConfigError
 
@@ -114,7 +115,9 @@ def _compiled(mode: bool | str) -> Callable[..., tuple[Tensor, ...]]:
         key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, key, max(getattr(config, key), 64))
         # a new Dynamics per solve needs no new graph: dynamo guards its attributes, not its identity
-        _COMPILED[name] = torch.compile(fixed_step, mode=None if name == "default" else name, dynamic=False)
+        compiled = torch.compile(fixed_step, mode=None if name == "default" else name, dynamic=False)
+        # a machine that cannot compile (no compiler, an unsupported device) solves eagerly, with one notice
+        _COMPILED[name] = EagerFallback(compiled, fixed_step, "the fixed-step solve (solver.compile)")
     return _COMPILED[name]
 
 

@@ -42,7 +42,7 @@ def test_model_and_objective_are_typed_by_their_kind():
     cfg = load_config(None, ["model.name=unet", "objective.name=fm", "objective.coupling=ot"])
     assert isinstance(cfg.model, UNetSettings) and isinstance(cfg.objective, FMSettings)
     assert set(to_dict(cfg.model)) == {"name", "channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                                       "groups"}  # fmt: skip
+                                       "groups", "augment"}  # fmt: skip
     cfg = load_config(None, ["model.name=potential", "model.rank=3"])
     assert isinstance(cfg.model, PotentialSettings) and cfg.model.rank == 3 and isinstance(cfg.objective, MLESettings)
     with pytest.raises(ConfigError, match=r"unknown config key 'model.chanels'. Did you mean 'model.channels'"):

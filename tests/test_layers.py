@@ -37,6 +37,8 @@ CORE = {
     "flows.steppers",
     "flows.prior",
     "flows.calibration",
+    "flows.augment",
+    "flows.compiling",
 }
 FOREIGN_TO_CORE = {"accelerate", "yaml"}
 

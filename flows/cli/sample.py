@@ -237,9 +237,10 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
     if args.trajectories:
         device = model.device
         gen = torch.Generator(device).manual_seed(args.seed + 7)
-        z = torch.randn(args.trajectories, 2, generator=gen, device=device)
+        z = torch.randn(args.trajectories, *model.state_shape, generator=gen, device=device)
         times = torch.linspace(0, 1, 60, device=device)
         path, _ = solve_path(model.field, z, times, **model.solve_options(**solve))
+        path = path[..., :2]  # an augmented flow's paths: their data coordinates
         path = model.preprocess.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())
         written += [out / "trajectories.npy", plot_paths(out / "trajectories.png", path.numpy(), lp, extent)]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from flows.context import Context
 from flows.errors import ConfigError, FlowsError
 from flows.nn.embedding import TimeFeatures, time_rows
-from flows.nn.registry import FieldKind, register_field
+from flows.nn.registry import FieldKind, check_augment, register_field
 from flows.nn.trials import TRIAL_WIDTHS, TrialEmbedding
 
 __all__ = ["TimeMLP", "MLPSettings", "ACTIVATIONS"]
@@ -128,8 +128,10 @@ class MLPSettings:
     time_features: int = 0  # 0: the raw time; >0: that many sinusoidal features
     conditioning: Literal["concatsquash", "concat"] = "concatsquash"  # time gates every layer, or enters once
     context_embedding: list[int] = field(default_factory=list)  # conditional runs: an MLP embedding the context
+    augment: int = 0  # ANODE: extra dimensions (vectors) or channels (images) the field solves in (flows.augment)
 
     def check(self, prefix: str = "model.") -> None:
+        check_augment(self.augment, prefix)
         if not self.hidden or min(self.hidden) <= 0:
             raise ConfigError(f"invalid config value: {prefix}hidden: widths > 0.")
         if self.context_embedding and min(self.context_embedding) <= 0:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from flows.errors import ConfigError
 from flows.nn.embedding import time_rows
-from flows.nn.registry import FieldKind, register_field
+from flows.nn.registry import FieldKind, check_augment, register_field
 
 __all__ = ["Potential", "PotentialSettings", "log_cosh"]
 
@@ -140,8 +140,10 @@ class PotentialSettings:
     name: Literal["potential"] = "potential"
     hidden: list[int] = field(default_factory=lambda: [64, 64, 64])
     rank: int = 0  # rank of the quadratic term (0: min(10, D + 1))
+    augment: int = 0  # ANODE: extra dimensions (vectors) or channels (images) the field solves in (flows.augment)
 
     def check(self, prefix: str = "model.") -> None:
+        check_augment(self.augment, prefix)
         if not self.hidden or min(self.hidden) <= 0:
             raise ConfigError(f"invalid config value: {prefix}hidden: widths > 0.")
         if len(set(self.hidden)) != 1 or len(self.hidden) < 2:

@@ -16,7 +16,7 @@ from torch import nn
 
 from flows.errors import ConfigError, unknown_value
 
-__all__ = ["FieldKind", "FIELDS", "register_field", "field_kind", "build_field", "settings_from"]
+__all__ = ["FieldKind", "FIELDS", "register_field", "field_kind", "build_field", "settings_from", "check_augment"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ def field_kind(name: str) -> FieldKind:
     return FIELDS[name]
 
 
+def check_augment(augment: int, prefix: str = "model.") -> None:
+    """``model.augment``: a count of extra dimensions, 0 (a plain flow) or more."""
+    if augment < 0:
+        raise ConfigError(
+            f"invalid config value: {prefix}augment={augment}: the number of extra dimensions (vectors) or channels "
+            "(images) the field solves in must be >= 0 (0: a plain flow)."
+        )
+
+
 def settings_from(values: Mapping[str, Any]) -> Any:
     """A kind's settings from a mapping with ``name`` (e.g. a saved config's ``model`` section); keys of
     other kinds (older files wrote every kind's keys) are left out."""
@@ -65,7 +74,8 @@ _CONTEXTS = {"vector": "a context vector", "labels": "class labels"}
 
 def build_field(settings: Any, shape: int | tuple[int, ...] | list[int], context: Any = None) -> nn.Module:
     """The field for data of per-sample ``shape``, from a kind's settings (or a mapping with ``name``);
-    conditioned on ``context`` (a :class:`flows.context.Context`) if given."""
+    conditioned on ``context`` (a :class:`flows.context.Context`) if given. With ``augment`` = A > 0 in the
+    settings the field solves in D + A dimensions (C + A channels) and carries ``augment`` (:mod:`flows.augment`)."""
     if isinstance(settings, Mapping):
         settings = settings_from(settings)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -82,4 +92,10 @@ def build_field(settings: Any, shape: int | tuple[int, ...] | list[int], context
             + (": for a context vector use model.name=mlp" if context.kind == "vector" else "")
             + "."
         )
-    return kind.build(settings, shape, context)
+    augment = getattr(settings, "augment", 0)
+    if not augment:
+        return kind.build(settings, shape, context)
+    check_augment(augment)
+    field = kind.build(settings, (shape[0] + augment, *shape[1:]), context)  # flows.augment.augmented_shape
+    field.augment = augment  # the flow and the objectives read it (flows.augment.augment_of)
+    return field

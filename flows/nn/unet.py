@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from flows.context import Context
 from flows.errors import ConfigError, FlowsError
 from flows.nn.embedding import TimeFeatures, time_rows
-from flows.nn.registry import FieldKind, register_field
+from flows.nn.registry import FieldKind, check_augment, register_field
 
 __all__ = ["TimeUNet", "UNetSettings"]
 
@@ -187,8 +187,10 @@ class UNetSettings:
     num_res_blocks: int = 1  # residual blocks per level
     attention_resolutions: list[int] = field(default_factory=list)  # spatial sizes (H) that get self-attention
     groups: int = 8  # GroupNorm groups (never BatchNorm: it couples samples)
+    augment: int = 0  # ANODE: extra dimensions (vectors) or channels (images) the field solves in (flows.augment)
 
     def check(self, prefix: str = "model.") -> None:
+        check_augment(self.augment, prefix)
         if self.channels <= 0 or self.num_res_blocks < 0:
             raise ConfigError(f"invalid config value: {prefix}channels must be > 0.")
         if not self.channel_mult or min(self.channel_mult) <= 0:

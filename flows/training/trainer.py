@@ -29,7 +29,7 @@ from flows.config import Config
 from flows.data import Data
 from flows.data.batches import Batches
 from flows.errors import TrainingAborted
-from flows.evaluation import describe, gathered_log_prob, summarize
+from flows.evaluation import bound_fields, bound_gap, describe, gathered_log_prob, summarize
 from flows.objectives import objective_kind
 from flows.report import final_pictures
 from flows.tracking import hyperparameters, log_images, tracker_names
@@ -170,10 +170,12 @@ class Trainer:
         # the same probes and dequantization noise at every evaluation: the weights are compared on equal terms
         acc = self.accelerator
         generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 1_000_003 * acc.process_index)
-        lp, var, info = gathered_log_prob(
-            acc, flow, points, cfg.eval.batch_size, generator, context=context, trace=cfg.eval.trace
-        )
-        result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
+        opts = {"trace": cfg.eval.trace, "augment_samples": cfg.eval.augment_samples}
+        lp, var, info = gathered_log_prob(acc, flow, points, cfg.eval.batch_size, generator, context=context, **opts)
+        result = summarize(lp, var, 1, data.dim, data.preprocess.levels) | bound_fields(info)
+        if which == "final" and flow.augment:  # how tight the bound is: K against 4K
+            args = (acc, flow, points, cfg.eval.batch_size, cfg.eval.augment_samples, generator)
+            result["bound_gap"] = bound_gap(*args, context=context, limit=cfg.eval.periodic_size, trace=cfg.eval.trace)
         solver = info["solver"]
         result |= {
             "nfe": info["nfe"],

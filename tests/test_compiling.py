@@ -1,0 +1,60 @@
+"""A compiled solve (solver.compile) or field (train.compile) that cannot compile falls back to eager, once."""
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from test_gpu_ready import field
+
+import flows.steppers
+from flows.api import train
+from flows.compiling import EagerFallback
+from flows.config import load_config
+from flows.ode import solve
+
+
+def broken_compile(fn, *args, **kwargs):
+    def fails(*a, **k):
+        raise RuntimeError("backend 'inductor' failed: no C++ compiler found\nsecond line of the trace")
+
+    return fails
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """Every torch.compile gives a function that fails as a machine without a compiler does."""
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(flows.steppers, "_COMPILED", {})
+
+
+def test_a_solve_that_cannot_compile_runs_eagerly_with_one_notice(no_compiler, capsys):
+    f, x = field(hidden=(8,)), torch.randn(16, 2)
+    options = dict(trace="exact", kinetic=True, method="rk4", step_size=0.25)
+    eager = solve(f, x, 1.0, 0.0, **options)
+    for _ in range(2):
+        fallen = solve(f, x, 1.0, 0.0, compile=True, **options)
+        torch.testing.assert_close(fallen.x, eager.x, atol=1e-6, rtol=1e-6)  # forward mode, times as tensors
+        torch.testing.assert_close(fallen.divergence, eager.divergence, atol=1e-6, rtol=1e-6)
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
+    assert notices == [
+        "notice: torch.compile failed for the fixed-step solve (solver.compile) (RuntimeError: backend 'inductor' "
+        "failed: no C++ compiler found); running it without compile from here on"
+    ]
+
+
+def test_an_error_of_the_call_itself_is_not_hidden():
+    def eager(x):
+        raise ValueError("the field's own error")
+
+    with pytest.raises(ValueError, match="own error"):
+        EagerFallback(eager, eager, "f")(1)
+
+
+@pytest.mark.parametrize("objective", ["mle", "fm"])
+def test_a_run_whose_compile_fails_trains_to_the_end(no_compiler, tmp_path, capsys, objective):
+    extra = {
+        "mle": ["solver.adjoint=false", "solver.compile=true"],
+        "fm": ["objective.name=fm", "train.compile=true"],
+    }[objective]
+    result = train(load_config(None, [*tiny_overrides(tmp_path / "r", steps=3), *extra])).result
+    assert result["nll"] == result["nll"]  # finite: the run ended with its evaluation
+    assert capsys.readouterr().err.count("notice: torch.compile failed") == 1
