@@ -13,7 +13,10 @@ reports the importance-weighted bound with K draws of a,
     L_K(x) = log (1/K) Σ_k p(x, a_k) / q(a_k),    E[L_K] ≤ E[L_4K] ≤ log p(x),
 
 which tightens as K grows (Burda et al. 2016); K = 1 is the ELBO that maximum likelihood trains on. Every
-report of an augmented flow's likelihood names it a lower bound and gives K. Flow matching trains the same
+report of an augmented flow's likelihood names it a lower bound and gives K. With Hutchinson's trace (images,
+more than 64 dimensions) log p(x, a_k) is itself a noisy estimate, and the log-mean-exp of noisy terms is biased
+upward by the noise: K = 1 (the ELBO, estimated without bias) is then the default, and a larger K is reported as
+an "estimate", not a bound. Flow matching trains the same
 joint: its data are the pairs (x, a), its noise N(0, I) in D + A dimensions.
 
 A = 0 is a plain flow: nothing here is called and no random number is drawn.
@@ -26,9 +29,19 @@ from torch import Tensor
 
 from flows.likelihood import standard_normal_log_prob
 
-__all__ = ["augmented_shape", "draw", "join", "data_part", "log_q", "augment_of", "BOUND"]
+__all__ = ["augmented_shape", "draw", "join", "data_part", "log_q", "augment_of", "BOUND", "ESTIMATE", "likelihood"]
 
 BOUND = "lower bound"  # what an augmented flow's log p(x) is (a plain flow's: "exact")
+ESTIMATE = "estimate"  # K > 1 with Hutchinson traces: the log-mean-exp of noisy terms is biased upward
+
+
+def likelihood(augment: int, trace: str, samples: int) -> str:
+    """What a log-density with these settings is: "exact" (a plain flow), "lower bound" (in expectation: an exact
+    trace, or K = 1, the ELBO, whose Hutchinson estimate is unbiased), or "estimate" (K > 1 over Hutchinson
+    estimates: exp of a noisy log-density is biased upward, so the mean over K can exceed log p(x))."""
+    if not augment:
+        return "exact"
+    return BOUND if trace == "exact" or samples == 1 else ESTIMATE
 
 
 def augmented_shape(shape: tuple[int, ...], augment: int) -> tuple[int, ...]:

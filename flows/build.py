@@ -92,10 +92,11 @@ def init_from(cfg: Config, field: nn.Module, shape: tuple[int, ...]) -> str:
     except (ConfigError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"train.init_from='{source}': its weights do not fit this network: {e}") from None
     if not same:
+        augment = f", model.augment={meta['field'].get('augment', 0)} against {getattr(cfg.model, 'augment', 0)}"
         raise CheckpointError(
             f"train.init_from='{source}': that run's network ({meta['field'].get('name')}, data shape "
-            f"{meta['shape']}) differs from this config's ({cfg.model.name}, {shape}). Use the same model.* "
-            "settings and data, or drop init_from."
+            f"{meta['shape']}) differs from this config's ({cfg.model.name}, {shape}{augment}). Use the same "
+            "model.* settings and data, or drop init_from."
         )
     objective = meta["config"].get("objective", {}).get("name")
     return f"initialized from {path} (step {meta['step']}, {objective})"

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 __all__ = ["EagerFallback"]
 
 
@@ -26,13 +28,14 @@ class EagerFallback:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:  # the device's memory, not the compiler: as without compile
+            raise
         except Exception as err:  # any compiler failure; the eager call below re-raises the call's own errors
-            out = self.eager(*args, **kwargs)
-            self.failed = True
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
-            print(
-                f"notice: torch.compile failed for {self.what} ({type(err).__name__}: {reason}); "
-                "running it without compile from here on",
-                file=sys.stderr,
-            )
-            return out
+            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        out = self.eager(*args, **kwargs)  # outside the handler: the failed attempt's tensors are released
+        self.failed = True
+        print(
+            f"notice: torch.compile failed for {self.what} ({failure}); running it without compile from here on",
+            file=sys.stderr,
+        )
+        return out

@@ -144,7 +144,9 @@ class EvalConfig:
     trace: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact for a vector field with dim <= 64
     batch_size: int | None = None  # points per solve; None: chosen by the evaluator from the device's memory
     periodic_size: int = 2000  # held-out points used by the periodic evaluations
-    augment_samples: int = 8  # model.augment > 0: augmentations per point of the likelihood bound (K; flows.augment)
+    # model.augment > 0: augmentations per point of the final evaluation's likelihood bound (K; flows.augment); null:
+    # 8 with the exact trace, 1 (the ELBO) with Hutchinson's. Periodic evaluations use the ELBO (K = 1).
+    augment_samples: int | None = None
     plot: bool = True  # 2D data: samples and density pictures at the end
 
     def check(self, prefix: str = "eval.") -> None:
@@ -152,7 +154,7 @@ class EvalConfig:
         _raise_first(
             [
                 (self.batch_size is None or self.batch_size > 0, f"{prefix}batch_size must be > 0"),
-                (self.augment_samples > 0, f"{prefix}augment_samples must be > 0"),
+                (self.augment_samples is None or self.augment_samples > 0, f"{prefix}augment_samples must be > 0"),
             ]
         )
 

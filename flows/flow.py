@@ -252,7 +252,7 @@ class Flow:
             chunk: points per solve (bounds memory); default: as many as fit in the device's free memory
                 (:func:`flows.memory.auto_batch`), 10,000 on a CPU.
             return_info: also return a dict with ``nfe``, ``seconds``, ``kinetic_energy`` (mean ∫‖v‖²dt,
-                model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *shape)
+                model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *state_shape)
                 and ``solver``.
 
         Returns:
@@ -365,7 +365,7 @@ class Flow:
         trace: str = "auto",
         probes: int = 1,
         deq_samples: int = 1,
-        augment_samples: int = AUGMENT_SAMPLES,
+        augment_samples: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         return_info: bool = False,
@@ -384,15 +384,17 @@ class Flow:
                 dimension ≤ 64, and always for a field with an analytic divergence).
             deq_samples: discrete data: importance-weighted over this many dequantizations (a tighter bound).
             augment_samples: an augmented flow: importance-weighted over this many augmentations a ~ N(0, I),
-                K in log (1/K) Σ_k p(x, a_k) / q(a_k), a lower bound that tightens as K grows (:mod:`flows.augment`).
-            generator: for probes and dequantization noise; must live on ``self.device``.
+                K in log (1/K) Σ_k p(x, a_k) / q(a_k), a lower bound that tightens as K grows (:mod:`flows.augment`);
+                default 8 with the exact trace, 1 (the ELBO) with Hutchinson's, where K > 1 is an estimate.
+            generator: for probes, dequantization noise and augmentations; must live on ``self.device``.
             **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
                 solver).
-            batch_size: points per solve (bounds memory); default: as many as fit in the device's free memory
+            batch_size: points per solve (bounds memory; each point is solved probes x deq_samples x
+                augment_samples times at once); default: as many as fit in the device's free memory
                 (:func:`flows.memory.auto_batch`), 1,000 on a CPU.
             return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
                 per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``,
-                ``augment_samples``, ``likelihood`` ("exact" or "lower bound"), ``solver``.
+                ``augment_samples``, ``likelihood`` ("exact", "lower bound" or "estimate"), ``solver``.
 
         Returns:
             ``(N,)`` float64 on ``self.device`` (and the info dict); −inf for a point on or outside the run's
@@ -453,21 +455,24 @@ class Flow:
         trace: str = "auto",
         probes: int = 1,
         deq_samples: int = 1,
-        augment_samples: int = AUGMENT_SAMPLES,
+        augment_samples: int | None = None,
         **solve: Unpack[SolveOptions],
     ) -> dict[str, Any]:
         """What :meth:`log_prob` resolves its arguments to: ``trace`` ("auto" decided), ``probes``, ``deq_samples``
         and ``augment_samples`` (1 where they do not apply), ``likelihood`` and ``solver``; what its info dict
         reports of them."""
-        trace = auto_trace(trace, self.field, self.state_shape)
-        if probes <= 0 or deq_samples <= 0 or augment_samples <= 0:
+        trace = auto_trace(trace, self.field, self.shape)  # an augmented flow: by the data's dimension
+        if probes <= 0 or deq_samples <= 0 or (augment_samples is not None and augment_samples <= 0):
             raise FlowsError("probes, deq_samples and augment_samples must be positive")
+        if augment_samples is None:  # a bound by default: Hutchinson's estimates are unbiased only at K = 1
+            augment_samples = AUGMENT_SAMPLES if trace == "exact" else 1
+        augment_samples = augment_samples if self.augment else 1
         return {
             "trace": trace,
             "probes": probes if trace == "hutchinson" else 1,
             "deq_samples": deq_samples if self.levels is not None else 1,
-            "augment_samples": augment_samples if self.augment else 1,
-            "likelihood": self.likelihood,
+            "augment_samples": augment_samples,
+            "likelihood": aug.likelihood(self.augment, trace, augment_samples),
             "solver": dict(self.solve_options(**solve)),
         }
 

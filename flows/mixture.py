@@ -2,9 +2,9 @@
 
 The members share the data's preprocessing and shape (they are trained on the same rows), so a mixture
 is a :class:`flows.Flow` to every caller: ``log_prob`` is exact (the log-sum-exp of the members' exact
-log-densities, weighted), ``sample`` draws each point from a member chosen with probability w_m, and
-``evaluate.py``, ``sample.py`` and ``flows.load`` treat it as one model. A mixture has no single latent
-space, so ``encode`` and ``decode`` are refused: use ``model.members[k]``.
+log-densities, weighted; augmented members' bounds give a bound), ``sample`` draws each point from a member
+chosen with probability w_m, and ``evaluate.py``, ``sample.py`` and ``flows.load`` treat it as one model. A
+mixture has no single latent space, so ``encode`` and ``decode`` are refused: use ``model.members[k]``.
 """
 
 from __future__ import annotations

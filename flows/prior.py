@@ -113,7 +113,7 @@ class TruncatedPrior:
     def _fit(self, quantile: float, samples: int, margin: float, seed: int) -> dict[str, Any]:
         gen = torch.Generator(self.flow.device).manual_seed(seed)
         theta = self.flow.sample(samples, context=self.x_obs, generator=gen).reshape(samples, -1)
-        lq = self.flow.log_prob(theta, context=self.x_obs).cpu()
+        lq = self.flow.log_prob(theta, context=self.x_obs, generator=gen).cpu()  # seeded (an augmented flow's draws)
         ok = torch.isfinite(lq)
         tau = float(torch.quantile(lq[ok], quantile))
         inside = theta.cpu().double()[ok & (lq >= tau)]
@@ -163,7 +163,7 @@ class TruncatedPrior:
             tried += batch
             if not len(theta):
                 continue
-            lq = self.flow.log_prob(theta.float(), context=self.x_obs).cpu()
+            lq = self.flow.log_prob(theta.float(), context=self.x_obs, generator=gen).cpu()
             kept.append(theta[torch.isfinite(lq) & (lq >= self.tau)])
             rate = max(sum(len(k) for k in kept) / tried, 1e-4)
             batch = min(max(int(1.2 * (n - sum(len(k) for k in kept)) / rate), 256), 200_000)

@@ -34,7 +34,8 @@ def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int | None, size:
     ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
     points, extent = grid(reference, size)
     chunk = chunk or flow.log_prob_batch(len(points), flow.log_prob_options("exact", **solver), default=10_000)
-    lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, **solver)
+    gen = torch.Generator(flow.device).manual_seed(0)  # an augmented flow's draws: seeded, one picture per run
+    lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, generator=gen, **solver)
     return lp.cpu().numpy(), extent
 
 

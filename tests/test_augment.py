@@ -139,8 +139,14 @@ def test_augmented_images_with_labels_and_guidance(tmp_path):
     assert flow.state_shape == (2, 8, 8)
     x = flow.sample(3, context=[0, 5], guidance=1.0, steps=2)
     assert x.shape == (2, 3, 1, 8, 8)
-    lp, info = flow.log_prob(x[0], context=0, steps=2, augment_samples=2, return_info=True)
-    assert torch.isfinite(lp).all() and info["likelihood"] == "lower bound"
+    # Hutchinson's trace: K = 1 (the ELBO, estimated without bias) by default; K > 1 is an estimate, not a bound
+    lp, info = flow.log_prob(x[0], context=0, steps=2, return_info=True)
+    assert torch.isfinite(lp).all() and info["trace"] == "hutchinson"
+    assert info["augment_samples"] == 1 and info["likelihood"] == "lower bound"
+    _, info = flow.log_prob(x[0], context=0, steps=2, augment_samples=2, return_info=True)
+    assert info["likelihood"] == "estimate"
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["likelihood"] == "estimate" and "bound_gap" not in result  # K=2 asked: no gap of noise
 
 
 def test_an_augmented_posterior_takes_context_vectors(tmp_path):

@@ -41,12 +41,20 @@ def test_a_solve_that_cannot_compile_runs_eagerly_with_one_notice(no_compiler, c
     ]
 
 
-def test_an_error_of_the_call_itself_is_not_hidden():
+def test_an_error_of_the_call_itself_is_not_hidden_nor_is_running_out_of_memory():
     def eager(x):
         raise ValueError("the field's own error")
 
     with pytest.raises(ValueError, match="own error"):
         EagerFallback(eager, eager, "f")(1)
+
+    def oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    call = EagerFallback(oom, lambda x: x, "f")
+    with pytest.raises(torch.OutOfMemoryError):
+        call(1)
+    assert not call.failed  # still compiled: the next call may fit
 
 
 @pytest.mark.parametrize("objective", ["mle", "fm"])

@@ -30,7 +30,7 @@ from flows import checkpoint
 from flows.build import make_data
 from flows.config import Config, load_config, to_dict
 from flows.errors import TrainingAborted
-from flows.evaluation import bound_fields, bound_gap, describe, gathered_log_prob, summarize
+from flows.evaluation import bound_fields, bound_gap, describe, gap_applies, gathered_log_prob, summarize
 from flows.flowfile import MODEL_FILE, read, write
 from flows.mixture import Mixture
 from flows.report import final_pictures
@@ -178,8 +178,8 @@ def mix(cfg: Config, trained: list[Path], used: float, extra: dict[str, Any] | N
     lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, context=data.test_context, **opts)
     result = summarize(lp, var, 1, data.dim, data.preprocess.levels) | bound_fields(info)
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
-    if model.augment:  # how tight the bound is: K against 4K
-        args = (acc, model, data.test, cfg.eval.batch_size, cfg.eval.augment_samples)
+    if gap_applies(info):  # how tight the bound is: K against 4K
+        args = (acc, model, data.test, cfg.eval.batch_size, info["augment_samples"])
         result["bound_gap"] = bound_gap(*args, context=data.test_context, limit=cfg.eval.periodic_size, **opts)
     result |= {"members": len(members), "chosen": chosen, **(extra or {})}
     if val_lp is not None:
