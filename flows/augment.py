@@ -16,8 +16,8 @@ which tightens as K grows (Burda et al. 2016); K = 1 is the ELBO that maximum li
 report of an augmented flow's likelihood names it a lower bound and gives K. With Hutchinson's trace (images,
 more than 64 dimensions) log p(x, a_k) is itself a noisy estimate, and the log-mean-exp of noisy terms is biased
 upward by the noise: K = 1 (the ELBO, estimated without bias) is then the default, and a larger K is reported as
-an "estimate", not a bound. Flow matching trains the same
-joint: its data are the pairs (x, a), its noise N(0, I) in D + A dimensions.
+an "estimate", not a bound. Flow matching trains the same joint: its data are the pairs (x, a), its noise N(0, I) in
+D + A dimensions.
 
 A = 0 is a plain flow: nothing here is called and no random number is drawn.
 """

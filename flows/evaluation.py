@@ -27,9 +27,7 @@ __all__ = [
     "summarize",
     "describe",
     "tolerance_check",
-    "bound_fields",
-    "bound_gap",
-    "gap_applies",
+    "bound_report",
 ]
 
 EVAL_BATCH = 2000  # points per solve of an evaluation where the device's free memory cannot be read (a CPU)
@@ -100,35 +98,46 @@ def summarize(lp: Tensor, var: Tensor, probes: int, dim: int, levels: int | None
     return out
 
 
-def bound_fields(info: dict[str, Any]) -> dict[str, Any]:
-    """What an evaluation's result says of its likelihood: nothing for an exact one (reported as always); for an
-    augmented flow's bound, ``likelihood`` ("lower bound": the NLL is an upper bound) and ``augment_samples`` (K)."""
-    if info.get("likelihood", "exact") == "exact":
-        return {}
-    return {"likelihood": info["likelihood"], "augment_samples": info["augment_samples"]}
-
-
-def gap_applies(info: dict[str, Any]) -> bool:
-    """Whether :func:`bound_gap` says something: an augmented flow's bound with the exact trace (Hutchinson's noise
-    would make K against 4K a measure of the noise, not of the bound)."""
-    return info.get("likelihood") == "lower bound" and info.get("trace") == "exact"
-
-
 @torch.no_grad()
-def bound_gap(
+def bound_report(
     acc: Accelerator,
     flow: Flow,
     raw: Tensor,
     batch_size: int | None,
-    samples: int,
+    info: dict[str, Any],
     generator: torch.Generator | None = None,
     context: Tensor | None = None,
     limit: int = 2000,
     **options: Any,
 ) -> dict[str, Any]:
-    """How tight an augmented flow's bound is: the NLL bound with K = ``samples`` and with 4K augmentations on the
-    first ``limit`` points (independent draws), and the gap, NLL_K − NLL_4K ≥ 0 in expectation, with its standard
-    error over points. A gap inside its error says K draws have made the bound as tight as 4K would."""
+    """What an evaluation's result says of its likelihood (``info``: what :func:`gathered_log_prob` returned):
+    nothing for an exact one, reported as always; for an augmented flow, ``likelihood`` ("lower bound": the NLL is
+    an upper bound; or "estimate") and ``augment_samples`` (K), and, for a bound with the exact trace, ``bound_gap``:
+    how tight it is on the first ``limit`` points (0: not measured). Hutchinson's noise would make K against 4K a
+    measure of the noise, not of the bound, so no gap is given there. ``options``: as ``Flow.log_prob``'s."""
+    if info.get("likelihood", "exact") == "exact":
+        return {}
+    out = {"likelihood": info["likelihood"], "augment_samples": info["augment_samples"]}
+    if limit > 0 and info["likelihood"] == "lower bound" and info["trace"] == "exact":
+        args = (acc, flow, raw, batch_size, info["augment_samples"], generator, context, limit)
+        out["bound_gap"] = _bound_gap(*args, **options)
+    return out
+
+
+def _bound_gap(
+    acc: Accelerator,
+    flow: Flow,
+    raw: Tensor,
+    batch_size: int | None,
+    samples: int,
+    generator: torch.Generator | None,
+    context: Tensor | None,
+    limit: int,
+    **options: Any,
+) -> dict[str, Any]:
+    """The NLL bound with K = ``samples`` and with 4K augmentations on the first ``limit`` points (independent
+    draws), and the gap, NLL_K − NLL_4K ≥ 0 in expectation, with its standard error over points. A gap inside its
+    error says K draws have made the bound as tight as 4K would."""
     n = min(len(raw), limit)
     ctx = context[:n] if context is not None else None
     nll = {}

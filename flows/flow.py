@@ -115,8 +115,8 @@ class Flow:
 
     @property
     def likelihood(self) -> str:
-        """What :meth:`log_prob` gives: ``"exact"``, or ``"lower bound"`` for an augmented flow (importance-weighted
-        over its augmentation)."""
+        """What :meth:`log_prob` gives by default: ``"exact"``, or ``"lower bound"`` for an augmented flow
+        (importance-weighted over its augmentation; ``log_prob_options`` says it for other settings)."""
         return aug.BOUND if self.augment else "exact"
 
     @property

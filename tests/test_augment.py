@@ -4,13 +4,14 @@ vectors, mixtures, checkpoints, init_from, resume)."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 from test_images import image_overrides
-from test_training import assert_resume_is_exact, conditional_overrides
+from test_training import assert_resume_is_exact, conditional_overrides, run
 from torch import nn
 
 import flows
@@ -125,6 +126,15 @@ def test_both_objectives_train_an_augmented_flow_that_reports_its_bound(tmp_path
     same = flow.sample(10, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x, same, atol=0, rtol=0)
     assert torch.isfinite(flow.log_prob(x)).all()
+    if objective == "mle":  # evaluate.py says what it reports, and how tight it is
+        out = tmp_path / "e.json"
+        args = ["evaluate.py", str(run_dir), "--augment-samples", "2", "--gap-points", "5", "--json", str(out)]
+        proc = run([sys.executable, *args, "--check", "0"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "lower bound on log p (importance-weighted over K=2 augmentations)" in proc.stdout
+        written = json.loads(out.read_text())
+        assert written["likelihood"] == "lower bound" and written["augment_samples"] == 2
+        assert written["bound_gap"]["n"] == 5 and written["bound_gap"]["augment_samples"] == 2
 
 
 def test_an_augmented_run_resumes_exactly(tmp_path):

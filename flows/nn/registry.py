@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from flows.augment import augmented_shape
 from flows.errors import ConfigError, unknown_value
 
 __all__ = ["FieldKind", "FIELDS", "register_field", "field_kind", "build_field", "settings_from", "check_augment"]
@@ -96,6 +97,6 @@ def build_field(settings: Any, shape: int | tuple[int, ...] | list[int], context
     if not augment:
         return kind.build(settings, shape, context)
     check_augment(augment)
-    field = kind.build(settings, (shape[0] + augment, *shape[1:]), context)  # flows.augment.augmented_shape
+    field = kind.build(settings, augmented_shape(shape, augment), context)
     field.augment = augment  # the flow and the objectives read it (flows.augment.augment_of)
     return field

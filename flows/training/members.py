@@ -30,7 +30,7 @@ from flows import checkpoint
 from flows.build import make_data
 from flows.config import Config, load_config, to_dict
 from flows.errors import TrainingAborted
-from flows.evaluation import bound_fields, bound_gap, describe, gap_applies, gathered_log_prob, summarize
+from flows.evaluation import bound_report, describe, gathered_log_prob, summarize
 from flows.flowfile import MODEL_FILE, read, write
 from flows.mixture import Mixture
 from flows.report import final_pictures
@@ -176,11 +176,10 @@ def mix(cfg: Config, trained: list[Path], used: float, extra: dict[str, Any] | N
     acc.wait_for_everyone()
     model = Mixture([members[i] for i in chosen], path=root / MODEL_FILE) if len(chosen) > 1 else members[chosen[0]]
     lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, context=data.test_context, **opts)
-    result = summarize(lp, var, 1, data.dim, data.preprocess.levels) | bound_fields(info)
+    result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
+    args = (acc, model, data.test, cfg.eval.batch_size, info, None, data.test_context, cfg.eval.periodic_size)
+    result |= bound_report(*args, **opts)
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
-    if gap_applies(info):  # how tight the bound is: K against 4K
-        args = (acc, model, data.test, cfg.eval.batch_size, info["augment_samples"])
-        result["bound_gap"] = bound_gap(*args, context=data.test_context, limit=cfg.eval.periodic_size, **opts)
     result |= {"members": len(members), "chosen": chosen, **(extra or {})}
     if val_lp is not None:
         mixed = torch.logsumexp(val_lp[chosen], 0) - math.log(len(chosen))

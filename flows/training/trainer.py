@@ -29,7 +29,7 @@ from flows.config import Config
 from flows.data import Data
 from flows.data.batches import Batches
 from flows.errors import TrainingAborted
-from flows.evaluation import bound_fields, bound_gap, describe, gap_applies, gathered_log_prob, summarize
+from flows.evaluation import bound_report, describe, gathered_log_prob, summarize
 from flows.objectives import objective_kind
 from flows.report import final_pictures
 from flows.tracking import hyperparameters, log_images, tracker_names
@@ -175,10 +175,10 @@ class Trainer:
         k = cfg.eval.augment_samples if which == "final" else 1
         opts = {"trace": cfg.eval.trace, "augment_samples": k}
         lp, var, info = gathered_log_prob(acc, flow, points, cfg.eval.batch_size, generator, context=context, **opts)
-        result = summarize(lp, var, 1, data.dim, data.preprocess.levels) | bound_fields(info)
-        if which == "final" and gap_applies(info):  # how tight the bound is: K against 4K
-            args = (acc, flow, points, cfg.eval.batch_size, info["augment_samples"], generator)
-            result["bound_gap"] = bound_gap(*args, context=context, limit=cfg.eval.periodic_size, trace=cfg.eval.trace)
+        result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
+        limit = cfg.eval.periodic_size if which == "final" else 0  # the final evaluation: how tight a bound is
+        args = (acc, flow, points, cfg.eval.batch_size, info, generator, context, limit)
+        result |= bound_report(*args, trace=cfg.eval.trace)
         solver = info["solver"]
         result |= {
             "nfe": info["nfe"],
