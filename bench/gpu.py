@@ -99,7 +99,7 @@ from gpu_rows import (  # noqa: E402
 import flows  # noqa: E402
 from flows.build import make_flow  # noqa: E402
 from flows.data import build_data  # noqa: E402
-from flows.evaluation import EVAL_BATCH, gathered_log_prob  # noqa: E402
+from flows.evaluation import gathered_log_prob  # noqa: E402
 from flows.nn import build_field  # noqa: E402
 from flows.training.accelerator import new_accelerator, run_device  # noqa: E402
 
@@ -200,26 +200,26 @@ def table_memory(b: Bench) -> dict[str, Any]:
         flow = make_flow(cfg, field_, data.preprocess, data.shape).to(b.device)
         weights = "random weights (throughput only: a trained field takes more NFE)"
     x, xe = data.train[:n].to(b.device), data.test[:n_eval]
-    opts = flow.log_prob_options(trace=cfg.eval.trace)
-    chosen = flow.log_prob_batch(n, opts)
-    chosen_eval = flow.log_prob_batch(n_eval, opts, default=EVAL_BATCH)
     acc = new_accelerator(cfg)
     generator = torch.Generator(b.device).manual_seed(0)
     nfe: dict[str, float] = {}
+    chosen: dict[str, int] = {}  # the points per solve each call used (its info's batch_size)
 
     def solve(name: str, points: torch.Tensor, batch: int | None) -> Callable[[], Callable[[], object]]:
         def step() -> None:
-            nfe[name] = flow.log_prob(points, batch_size=batch, return_info=True)[1]["nfe"]
+            info = flow.log_prob(points, batch_size=batch, return_info=True)[1]
+            nfe[name], chosen[name] = info["nfe"], info["batch_size"]
 
         return lambda: step
 
     def evaluate() -> None:
-        nfe[rows[2].name] = gathered_log_prob(acc, flow, xe, None, generator, trace=cfg.eval.trace)[2]["nfe"]
+        info = gathered_log_prob(acc, flow, xe, None, generator, trace=cfg.eval.trace)[2]
+        nfe[rows[2].name], chosen[rows[2].name] = info["nfe"], info["batch_size"]
 
     names = [
-        f"log_prob(x), default arguments (batch {chosen:,})",
+        "log_prob(x), default arguments",
         "log_prob(x, batch_size=1000), the old default",
-        f"gathered_log_prob (evaluate.py), default batch ({chosen_eval:,})",
+        "gathered_log_prob (evaluate.py), default batch",
     ]
     rows = [
         Row(names[0], solve(names[0], x, None), n),
@@ -230,18 +230,19 @@ def table_memory(b: Bench) -> dict[str, Any]:
     base = rows[1].rate
     print(f"\n## 1. Exact 2-D log-density (dopri5 1e-5), MLP 3x64 tanh, {weights}, {b.kind}\n")
     body = [
-        [r.name, f"{r.items:,}", fmt(r.rate, 0), fmt(r.items / r.rate, 3), fmt(nfe.get(r.name, math.nan), 0)]
-        + [ratio(r.rate, base), r.status()]
+        [r.name, f"{r.items:,}", f"{chosen.get(r.name, 0):,}", fmt(r.rate, 0), fmt(r.items / r.rate, 3)]
+        + [fmt(nfe.get(r.name, math.nan), 0), ratio(r.rate, base), r.status()]
         for r in rows
     ]
-    print(table(["call", "points", "points/s", "s per call", "NFE per solve", "vs batch 1000", "row"], body))
+    heads = ["call", "points", "batch", "points/s", "s per call", "NFE per solve", "vs batch 1000", "row"]
+    print(table(heads, body))
     print("targets on an H200: default arguments >= 1M points/s on 200k points; evaluate.py's path on 10k < 0.5 s")
     if b.kind == "cpu":
         print("(on a CPU the default batch stays 1,000 / 2,000 unless memory is short: the rows solve alike)")
     return {
         "weights": weights,
-        "batch_chosen": chosen,
-        "eval_batch_chosen": chosen_eval,
+        "batch_chosen": chosen.get(names[0]),
+        "eval_batch_chosen": chosen.get(names[2]),
         "rows": {r.name: r.json() | {"points": r.items, "nfe": nfe.get(r.name)} for r in rows},
     }
 

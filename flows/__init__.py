@@ -1,14 +1,15 @@
 """flows: continuous normalizing flows trained by maximum likelihood (FFJORD) or flow matching.
 
 >>> import flows
->>> model = flows.load("runs/toy2d_mle")   # a run directory or model.safetensors
->>> x = model.sample(10_000)               # data units
->>> lp = model.log_prob(x)                 # exact log-density, (N,) float64
+>>> flow = flows.fit(x)                    # an (N, D) array or tensor; or flows.load("runs/toy2d_mle")
+>>> samples = flow.sample(10_000)          # data units
+>>> lp = flow.log_prob(samples)            # exact log-density, (N,) float64
 
 Two layers. The core (``flows.nn``, ``flows.ode``, ``flows.likelihood``, ``flows.sampling``,
 ``flows.flow``, ...) takes plain keywords and imports neither Accelerate nor the config. The application
-(``flows.train``, ``flows.load``, the config, the trainer, the CLIs) is imported on first use, so
-``import flows.ode`` stays as light as the core.
+(``flows.fit``, ``flows.train``, ``flows.load``, the config, the trainer, the CLIs) is imported on first use, so
+``import flows.ode`` stays as light as the core. The public surface is ``__all__`` here and the core modules listed in
+``docs/api.md``; everything else may change.
 """
 
 from importlib import import_module
@@ -24,6 +25,7 @@ __all__ = [
     "Flow",
     "Mixture",
     "Run",
+    "fit",
     "load",
     "train",
     "infer",
@@ -41,6 +43,7 @@ __all__ = [
 # the application's names, imported on first use (PEP 562)
 _APPLICATION = {
     "Run": "flows.api",
+    "fit": "flows.api",
     "load": "flows.api",
     "train": "flows.api",
     "infer": "flows.inference",
@@ -53,12 +56,10 @@ _APPLICATION = {
 def __getattr__(name: str) -> Any:
     if name in _APPLICATION:
         return getattr(import_module(_APPLICATION[name]), name)
-    try:  # a submodule: ``flows.config``, ``flows.evaluation``, ... after a bare ``import flows``
-        return import_module(f"flows.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"flows.{name}":  # the submodule exists but needs a package that is missing
-            raise
-        raise AttributeError(f"module 'flows' has no attribute {name!r}") from None
+    raise AttributeError(
+        f"module 'flows' has no attribute {name!r}: the public names are flows.__all__ (submodules are "
+        "imported by name, e.g. import flows.ode)"
+    )
 
 
 def __dir__() -> list[str]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flows.errors import CheckpointError
+from flows.files import atomic_write, leftovers
 from flows.flowfile import MODEL_FILE
 
 __all__ = ["latest_checkpoint", "save_training", "load_training", "trim_metrics"]
@@ -47,7 +48,8 @@ def save_training(
     tmp = final.with_name(f".tmp_{final.name}")
     acc.wait_for_everyone()
     if acc.is_main_process:  # leftovers of a save that was killed half-way
-        for stale in [*final.parent.glob(".tmp_step_*"), *run_dir.glob(f".{MODEL_FILE}.tmp*")]:
+        written = [p for name in (MODEL_FILE, "metrics.jsonl", "eval.json") for p in leftovers(run_dir / name)]
+        for stale in [*final.parent.glob(".tmp_step_*"), *written]:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
@@ -100,6 +102,4 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(line + "\n" for line in kept))

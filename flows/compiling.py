@@ -13,8 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 __all__ = ["EagerFallback"]
+
+# exceptions that are control flow, not a compiler's failure: activation checkpointing stops a recomputation early by
+# raising one through the recomputed function (torch.utils.checkpoint's early stop)
+CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if isinstance(c, type)
+)
 
 
 class EagerFallback:
@@ -28,7 +35,7 @@ class EagerFallback:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
-        except torch.OutOfMemoryError:  # the device's memory, not the compiler: as without compile
+        except (torch.OutOfMemoryError, *CONTROL_FLOW):  # the device's memory or checkpointing: as without compile
             raise
         except Exception as err:  # any compiler failure; the eager call below re-raises the call's own errors
             failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"

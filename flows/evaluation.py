@@ -1,16 +1,16 @@
 """Likelihoods over processes, with error bars: the application side of ``Flow.log_prob``.
 
-``gathered_log_prob`` splits points over Accelerate's processes, calls ``Flow.log_prob`` on each share
-and gathers the results in input order (the trainer's periodic and final evaluations and
-``evaluate.py`` both use it); ``summarize`` turns log p into NLL ± standard error (and bits/dim);
-``tolerance_check`` re-solves at tighter tolerances.
+``evaluate`` is the one held-out evaluation (the trainer's periodic and final ones, a mixture's, ``evaluate.py``'s):
+``gathered_log_prob`` splits points over Accelerate's processes, calls ``Flow.log_prob`` on each share and
+gathers the results in input order; ``summarize`` turns log p into NLL ± standard error (and bits/dim);
+``bound_report`` says what an augmented flow's number is. ``tolerance_check`` re-solves at tighter tolerances.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +23,8 @@ from flows.ode import FIXED_STEP_METHODS
 
 __all__ = [
     "EVAL_BATCH",
+    "Evaluation",
+    "evaluate",
     "gathered_log_prob",
     "summarize",
     "describe",
@@ -51,13 +53,13 @@ def gathered_log_prob(
     method, ...), ``generator`` lives on ``acc.device`` (one per process). Returns (log p (N,),
     probe variance (N,), info: ``nfe`` per solve, ``seconds``, and the options ``Flow.log_prob`` used).
     One collective per call: shares are padded to equal size and gathered. ``batch_size``: points per solve, or
-    None: what fits in the device's free memory (:meth:`Flow.log_prob_batch`), :data:`EVAL_BATCH` on a CPU.
+    None: what fits in the device's free memory (:meth:`Flow._log_prob_batch_size`), :data:`EVAL_BATCH` on a CPU.
     """
-    info = flow.log_prob_options(**options)
+    info = flow._log_prob_options(**options)
     n, procs, rank = len(raw), acc.num_processes, acc.process_index
     per = -(-n // procs)  # each process takes a contiguous share of at most ``per`` points
     mine = torch.arange(rank * per, min(n, (rank + 1) * per), device="cpu")
-    batch_size = batch_size or flow.log_prob_batch(max(len(mine), 1), info, context, EVAL_BATCH)
+    batch_size = batch_size or flow._log_prob_batch_size(max(len(mine), 1), info, context, EVAL_BATCH)
     lps, variances, nfe = [], [], []
     start = time.perf_counter()
     for ib in tqdm(mine.split(batch_size), desc="evaluate", disable=not (progress and acc.is_local_main_process)):
@@ -77,8 +79,41 @@ def gathered_log_prob(
         raise FlowsError("internal error: the gathered points do not cover the data exactly once")
     solves = torch.tensor([[len(nfe), sum(nfe)]], dtype=torch.float64, device=acc.device)
     solves = (acc.gather(solves) if procs > 1 else solves).sum(0).tolist()
-    info |= {"nfe": solves[1] / max(solves[0], 1), "seconds": time.perf_counter() - start}
+    info |= {"nfe": solves[1] / max(solves[0], 1), "seconds": time.perf_counter() - start, "batch_size": batch_size}
     return gathered[:, 0], gathered[:, 1], info
+
+
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` returns: ``result`` (:func:`summarize`'s numbers and :func:`bound_report`'s), log p
+    of every point in input order (N,), and ``info`` (:func:`gathered_log_prob`'s: nfe, seconds, trace, probes,
+    deq_samples, augment_samples, likelihood, solver)."""
+
+    result: dict[str, Any]
+    lp: Tensor
+    info: dict[str, Any]
+
+
+@torch.no_grad()
+def evaluate(
+    acc: Accelerator,
+    flow: Flow,
+    raw: Tensor,
+    batch_size: int | None,
+    *,
+    generator: torch.Generator | None = None,
+    context: Tensor | None = None,
+    progress: bool = False,
+    gap_points: int = 2000,
+    **options: Any,
+) -> Evaluation:
+    """The held-out evaluation of ``flow`` on ``raw`` (every process calls it with the same points): log p gathered
+    over processes (:func:`gathered_log_prob`), NLL ± standard error and bits/dim (:func:`summarize`), and what an
+    augmented flow's number is, with how tight its bound is on the first ``gap_points`` points (:func:`bound_report`;
+    0: not measured). ``generator`` draws the probes and noise of both solves; ``options``: as ``Flow.log_prob``'s."""
+    lp, var, info = gathered_log_prob(acc, flow, raw, batch_size, generator, progress, context, **options)
+    result = summarize(lp, var, info["probes"], flow.dim, flow.levels)
+    result |= bound_report(acc, flow, raw, batch_size, info, generator, context, gap_points, **options)
+    return Evaluation(result, lp, info)
 
 
 def summarize(lp: Tensor, var: Tensor, probes: int, dim: int, levels: int | None) -> dict[str, float]:
@@ -181,7 +216,7 @@ def tolerance_check(
 
     Returns the largest and mean absolute change of log p, and the change of the mean.
     """
-    solver = flow.log_prob_options(**options)["solver"]
+    solver = flow._log_prob_options(**options)["solver"]
     if solver["method"] in FIXED_STEP_METHODS:
         tight = {"method": "dopri5", "atol": 1e-7, "rtol": 1e-7, "steps": None}
     else:

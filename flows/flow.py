@@ -25,15 +25,23 @@ operation, in the data's units: a context vector (C,) or one per point (N, C), o
 one per point). ``sample(n, context=c)`` gives (n, *shape) for one context and (K, n, *shape) for K
 contexts; ``guidance=w`` samples a label-conditional model with classifier-free guidance. A
 label-conditional ``log_prob(x)`` without labels is the exact marginal log Σ_y p(y) p(x | y).
+
+Gradients. Every operation runs without a graph unless asked: ``grad=True`` (or :meth:`Flow.rsample`) makes it
+differentiable with respect to its inputs and to every field parameter that requires a gradient, through the same
+solve (a fixed-step solve, ``steps=8``, keeps the graph small). A loaded flow's weights are frozen;
+:meth:`Flow.parameters` unfreezes them for an optimizer. :meth:`Flow.distribution` is a
+``torch.distributions.Distribution`` view of the same flow (:mod:`flows.distribution`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +55,13 @@ from flows.ode import DEFAULTS, FIXED_STEP_METHODS, OWN_METHODS, SolverOptions, 
 from flows.preprocess import Preprocess
 from flows.sampling import SampleResult, decode, encode, sample, transport_summary
 
+if TYPE_CHECKING:
+    from flows.distribution import FlowDistribution
+
 __all__ = ["Flow", "SolveOptions"]
 
 # points per solve on a device whose free memory cannot be read (a CPU); elsewhere flows.memory.auto_batch decides
-CHUNK = 10_000  # sample, encode, decode
+SOLVE_BATCH = 10_000  # sample, encode, decode
 LOG_PROB_BATCH = 1000
 AUGMENT_SAMPLES = 8  # an augmented flow's importance samples per point in log_prob (K)
 
@@ -65,7 +76,7 @@ class SolveOptions(TypedDict, total=False):
     compile: bool | str | None  # euler, midpoint, rk4: torch.compile the whole solve (True, or a torch.compile mode)
 
 
-@dataclass
+@dataclass(eq=False)
 class Flow:
     """A vector field with its preprocessing.
 
@@ -116,13 +127,20 @@ class Flow:
     @property
     def likelihood(self) -> str:
         """What :meth:`log_prob` gives by default: ``"exact"``, or ``"lower bound"`` for an augmented flow
-        (importance-weighted over its augmentation; ``log_prob_options`` says it for other settings)."""
+        (importance-weighted over its augmentation; the info dict of ``return_info=True`` says it for other
+        settings)."""
         return aug.BOUND if self.augment else "exact"
 
     @property
     def levels(self) -> int | None:
         """Number of discrete values per dimension (discrete data), else None."""
         return self.preprocess.levels
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The field's parameters, made trainable (a loaded flow's are frozen), for an optimizer of your own:
+        ``torch.optim.Adam(flow.parameters())`` with ``flow.log_prob(x, grad=True)`` in the loss."""
+        self.field.requires_grad_(True)
+        return self.field.parameters()
 
     def to(self, device: torch.device | str) -> Flow:
         """Move the field and the preprocessing constants to ``device`` (in place); returns self."""
@@ -139,8 +157,38 @@ class Flow:
             f"device={self.device}, path={str(self.path) if self.path else None!r})"
         )
 
+    # ------------------------------------------------------------------ what the field is (a mixture: its members')
+    @property
+    def _dtype(self) -> torch.dtype | None:
+        """The field's precision (None: a field without weights)."""
+        param = next(iter(self.field.parameters()), None)
+        return param.dtype if param is not None else None
+
+    @property
+    def _analytic(self) -> bool:
+        """Whether the field supplies its own divergence (the potential)."""
+        return bool(getattr(self.field, "analytic_divergence", False))
+
+    def _auto_trace(self, trace: str) -> str:
+        return auto_trace(trace, self.field, self.shape)  # an augmented flow: by the data's dimension
+
+    def _check_guidance(self, guidance: float) -> None:
+        self._guided_field(guidance)
+
+    def _batch(
+        self, n: int, default: int, *, trace: bool = False, context: Tensor | None = None, copies: int = 1
+    ) -> int:
+        """Points per solve of ``n`` points when the caller gives none: what fits in the device's free memory
+        (:func:`flows.memory.auto_batch`), ``default`` on a CPU. ``trace``: a log-density solve; ``context``: model
+        space rows of the context; ``copies``: solves of each point at once (probes x dequantizations, guidance)."""
+        return max(
+            1,
+            auto_batch(self.field, self.state_shape, n * copies, default * copies, trace=trace, context=context)
+            // copies,
+        )
+
     # ------------------------------------------------------------------ solver options
-    def solve_options(
+    def _solve_options(
         self,
         method: str | None = None,
         atol: float | None = None,
@@ -163,7 +211,7 @@ class Flow:
             changes["step_size"] = 1.0 / steps
             changes.setdefault("method", base["method"] if base["method"] in FIXED_STEP_METHODS else "rk4")
         # a compiled or checkpointed run's flow solved adaptively (or a potential field) drops both
-        own = changes.get("method", base["method"]) in OWN_METHODS and not getattr(self.field, "analytic_divergence", 0)
+        own = changes.get("method", base["method"]) in OWN_METHODS and not self._analytic
         if not own:
             changes |= {"compile": False, "checkpoint": False}
         if compile is not None:
@@ -178,8 +226,7 @@ class Flow:
             raise FlowsError(f"{what}: expected a batch of shape (N, {expected}), got {tuple(x.shape)}")
         # the field's precision (numpy's float64 meets a float32 field as float32); a field without weights keeps
         # the input's
-        param = next(iter(self.field.parameters()), None)
-        dtype = param.dtype if param is not None else x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        dtype = self._dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
         return x.to(self.device, dtype)
 
     def _to_data(self, x: Tensor) -> Tensor:
@@ -200,10 +247,10 @@ class Flow:
         if context is None:
             raise FlowsError(f"{what}: this flow is conditional on {self.context.describe()}: pass context=")
         rows = self.context.broadcast(context, n, self.device, what)
-        param = next(iter(self.field.parameters()), None)  # numpy's float64 meets a float32 field as float32
-        return rows.to(param.dtype) if rows.is_floating_point() and param is not None else rows
+        dtype = self._dtype  # numpy's float64 meets a float32 field as float32
+        return rows.to(dtype) if rows.is_floating_point() and dtype is not None else rows
 
-    def guided_field(self, guidance: float) -> nn.Module:
+    def _guided_field(self, guidance: float) -> nn.Module:
         """The field that :meth:`sample` solves at classifier-free guidance ``guidance`` (0: the field itself);
         a clear error when this flow cannot be guided."""
         if guidance == 0:
@@ -222,8 +269,7 @@ class Flow:
         rows = self._rows(context, n, what)
         return self.context.model(rows) if rows is not None else None
 
-    # ------------------------------------------------------------------ the four operations
-    @torch.no_grad()
+    # ------------------------------------------------------------------ the operations
     def sample(
         self,
         n: int,
@@ -231,9 +277,11 @@ class Flow:
         context: Any = None,
         guidance: float = 0.0,
         generator: torch.Generator | None = None,
-        chunk: int | None = None,
+        batch_size: int | None = None,
+        grad: bool = False,
         return_info: bool = False,
         progress: bool = False,
+        chunk: int | None = None,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Draw ``n`` samples: base noise at t=0 solved to t=1.
@@ -247,21 +295,26 @@ class Flow:
             guidance: classifier-free guidance weight w (label-conditional flows trained with
                 ``objective.label_dropout``): the field (1 + w) v(x, t, y) − w v(x, t, ∅); 0 is none.
             generator: for the noise; must live on ``self.device``.
-            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
-                solver, adaptive).
-            chunk: points per solve (bounds memory); default: as many as fit in the device's free memory
-                (:func:`flows.memory.auto_batch`), 10,000 on a CPU.
+            batch_size: points per solve (bounds memory); default: as many as fit in the device's free memory
+                (:func:`flows.memory.auto_batch`), 10,000 on a CPU. (``chunk``: its former name, deprecated.)
+            grad: differentiable samples (a reparameterized draw, :meth:`rsample`): gradients reach the field's
+                parameters that require them; continuous data only.
             return_info: also return a dict with ``nfe``, ``seconds``, ``kinetic_energy`` (mean ∫‖v‖²dt,
                 model space), ``straightness`` (1 for straight constant-speed paths), ``noise`` (n, *state_shape)
                 and ``solver``.
+            **solve: ``method``, ``atol``, ``rtol``, ``steps``, ``compile`` (:class:`SolveOptions`; default: the
+                flow's solver, adaptive).
 
         Returns:
             Samples ``(n, *shape)`` (or ``(K, n, *shape)``) in data units on ``self.device`` (and the info dict).
         """
-        if n <= 0 or (chunk is not None and chunk <= 0):
-            raise FlowsError(f"n and chunk must be positive (got {n}, {chunk})")
-        solver = self.solve_options(**solve)
-        self.guided_field(guidance)  # a flow that cannot be guided: the error before any work
+        batch_size = _renamed(chunk, batch_size)
+        if n <= 0 or (batch_size is not None and batch_size <= 0):
+            raise FlowsError(f"n and batch_size must be positive (got {n}, {batch_size})")
+        if grad and self.levels is not None:
+            raise FlowsError("grad=True: samples of discrete data are integer levels, which have no gradient")
+        solver = self._solve_options(**solve)
+        self._check_guidance(guidance)  # a flow that cannot be guided: the error before any work
         start = time.perf_counter()
         ctx, k, rows = self.context, 1, None
         if ctx is not None and context is None and ctx.kind == "labels":  # labels drawn from p(y)
@@ -271,7 +324,8 @@ class Flow:
         else:
             given = ctx.check(context, self.device, "sample")
             k, rows = len(given), given.repeat_interleave(n, 0)
-        x, info = self._draw(k * n, generator, chunk, progress, solver, rows, guidance)
+        with torch.set_grad_enabled(grad):
+            x, info = self._draw(k * n, generator, batch_size, progress, solver, rows, guidance)
         if rows is not None and ctx is not None and ctx.kind == "labels":
             info["label"] = rows
         if k > 1:
@@ -279,11 +333,24 @@ class Flow:
             info["noise"] = info["noise"].reshape(k, n, *self.state_shape)
         return self._result(x, info, solver, start, return_info)
 
+    def rsample(self, n: int, **options: Any) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """A reparameterized draw: :meth:`sample` with ``grad=True`` (the same keywords)."""
+        return self.sample(n, grad=True, **options)
+
+    def distribution(self, context: Any = None, **options: Any) -> FlowDistribution:
+        """This flow as a ``torch.distributions.Distribution`` (``sample``, ``rsample``, ``log_prob``,
+        ``event_shape`` = :attr:`shape`; ``batch_shape`` = (K,) for K contexts, () for one or none), for code written
+        against ``torch.distributions``. ``options``: what :meth:`log_prob` and :meth:`sample` take (``steps=8``,
+        ``trace=``, ``batch_size=``, ...). Its ``log_prob`` and ``rsample`` are differentiable."""
+        from flows.distribution import FlowDistribution
+
+        return FlowDistribution(self, context, **options)
+
     def _draw(
         self,
         n: int,
         generator: torch.Generator | None,
-        chunk: int | None,
+        batch_size: int | None,
         progress: bool,
         solver: SolverOptions,
         context: Tensor | None = None,
@@ -292,60 +359,70 @@ class Flow:
         """(``n`` samples in data units, their info: ``nfe``, transport, ``kinetic``, ``noise``); ``context``: one
         row per sample in data units; ``guidance``: the classifier-free guidance weight."""
         c = self.context.model(context) if context is not None else None
-        field = self.guided_field(guidance)
-        chunk = chunk or self.batch(n, CHUNK, context=c, copies=2 if guidance else 1)
+        field = self._guided_field(guidance)
+        batch_size = batch_size or self._batch(n, SOLVE_BATCH, context=c, copies=2 if guidance else 1)
         state = self.state_shape
-        res = sample(field, n, state, chunk=chunk, generator=generator, progress=progress, context=c, **solver)
+        res = sample(
+            field, n, state, batch_size=batch_size, generator=generator, progress=progress, context=c, **solver
+        )
         x = aug.data_part(res.x, self.shape) if self.augment else res.x
         x = self.context.color(x, c) if c is not None else x
         return self._to_data(x), {**self._info(res), "noise": res.z}
 
-    @torch.no_grad()
     def decode(
         self,
         z: Tensor,
         *,
         context: Any = None,
-        chunk: int | None = None,
+        batch_size: int | None = None,
+        grad: bool = False,
         return_info: bool = False,
+        chunk: int | None = None,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Base points ``z`` (N, *shape) at t=0 → data units at t=1 (the inverse of :meth:`encode`); a conditional
-        flow's ``context``: one for all points or one per point."""
+        flow's ``context``: one for all points or one per point. ``batch_size``, ``grad``: as in :meth:`sample`."""
         self._refuse_augmented("decode")
-        solver = self.solve_options(**solve)
+        batch_size = _renamed(chunk, batch_size)
+        solver = self._solve_options(**solve)
         start = time.perf_counter()
         z = self._as_data(z, "decode")
-        c = self._model_context(context, len(z), "decode")
-        chunk = chunk or self.batch(len(z), CHUNK, context=c)
-        res = decode(self.field, z, chunk=chunk, context=c, **solver)
-        x = self.context.color(res.x, c) if c is not None else res.x
-        return self._result(self._to_data(x), self._info(res), solver, start, return_info)
+        with torch.set_grad_enabled(grad):
+            c = self._model_context(context, len(z), "decode")
+            batch_size = batch_size or self._batch(len(z), SOLVE_BATCH, context=c)
+            res = decode(self.field, z, batch_size=batch_size, context=c, **solver)
+            x = self.context.color(res.x, c) if c is not None else res.x
+            x = self._to_data(x)
+        return self._result(x, self._info(res), solver, start, return_info)
 
-    @torch.no_grad()
     def encode(
         self,
         x: Tensor,
         *,
         context: Any = None,
-        chunk: int | None = None,
+        batch_size: int | None = None,
+        grad: bool = False,
         return_info: bool = False,
         progress: bool = False,
+        chunk: int | None = None,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Data ``x`` (N, *shape), data units → base points at t=0, ``(N, *shape)`` on ``self.device``.
 
         Discrete data is placed at the centre of its dequantization cell, so ``decode(encode(x))``
         returns the same levels. A conditional flow's ``context``: one for all points or one per point.
+        ``batch_size``, ``grad``: as in :meth:`sample`.
         """
         self._refuse_augmented("encode")
-        solver = self.solve_options(**solve)
+        batch_size = _renamed(chunk, batch_size)
+        solver = self._solve_options(**solve)
         start = time.perf_counter()
-        model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
-        c = self._model_context(context, len(model_x), "encode")
-        model_x = self.context.whiten(model_x, c) if c is not None else model_x
-        chunk = chunk or self.batch(len(model_x), CHUNK, context=c)
-        res = encode(self.field, model_x, chunk=chunk, progress=progress, context=c, **solver)
+        with torch.set_grad_enabled(grad):
+            model_x = self.preprocess(self._as_data(x, "encode"), dequantize=False)
+            c = self._model_context(context, len(model_x), "encode")
+            model_x = self.context.whiten(model_x, c) if c is not None else model_x
+            batch_size = batch_size or self._batch(len(model_x), SOLVE_BATCH, context=c)
+            res = encode(self.field, model_x, batch_size=batch_size, progress=progress, context=c, **solver)
         return self._result(res.x, self._info(res), solver, start, return_info)
 
     def _refuse_augmented(self, what: str) -> None:
@@ -356,7 +433,6 @@ class Flow:
                 "point (nor a base point a single data point). Use sample() for data, log_prob() for its bound."
             )
 
-    @torch.no_grad()
     def log_prob(
         self,
         x: Tensor,
@@ -368,6 +444,7 @@ class Flow:
         augment_samples: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        grad: bool = False,
         return_info: bool = False,
         **solve: Unpack[SolveOptions],
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
@@ -387,60 +464,52 @@ class Flow:
                 K in log (1/K) Σ_k p(x, a_k) / q(a_k), a lower bound that tightens as K grows (:mod:`flows.augment`);
                 default 8 with the exact trace, 1 (the ELBO) with Hutchinson's, where K > 1 is an estimate.
             generator: for probes, dequantization noise and augmentations; must live on ``self.device``.
-            **solve: ``method``, ``atol``, ``rtol``, ``steps`` (:class:`SolveOptions`; default: the flow's
-                solver).
             batch_size: points per solve (bounds memory; each point is solved probes x deq_samples x
                 augment_samples times at once); default: as many as fit in the device's free memory
                 (:func:`flows.memory.auto_batch`), 1,000 on a CPU.
-            return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``variance`` (N,) (of the
+            grad: differentiable with respect to ``x`` (and a context) and to the field's parameters that require
+                gradients (:meth:`parameters`), through the same solve; a fixed-step ``steps=`` keeps it cheap.
+            return_info: also return a dict with ``nfe`` (per solve), ``seconds``, ``batch_size`` (points per solve),
+                ``variance`` (N,) (of the
                 per-probe estimates; zeros for the exact trace), ``trace``, ``probes``, ``deq_samples``,
                 ``augment_samples``, ``likelihood`` ("exact", "lower bound" or "estimate"), ``solver``.
+            **solve: ``method``, ``atol``, ``rtol``, ``steps``, ``compile`` (:class:`SolveOptions`; default: the
+                flow's solver).
 
         Returns:
             ``(N,)`` float64 on ``self.device`` (and the info dict); −inf for a point on or outside the run's
             ``data.bounds`` (no solve).
         """
-        opts = self.log_prob_options(trace, probes, deq_samples, augment_samples, **solve)
+        opts = self._log_prob_options(trace, probes, deq_samples, augment_samples, **solve)
         if batch_size is not None and batch_size <= 0:
             raise FlowsError("batch_size must be positive")
         start = time.perf_counter()
-        x = self._as_data(x, "log_prob")
-        marginal = context is None and self.context is not None and self.context.kind == "labels"
-        rows = None if marginal else self._rows(context, len(x), "log_prob")
-        keep = self.preprocess.inside(x)  # bounded data: a point on or outside a bound has density 0, unsolved
-        if keep is not None:
-            x, rows = x[keep], rows[keep] if rows is not None else None
-        batch_size = batch_size or self.log_prob_batch(max(len(x), 1), opts, rows)
-        lps, variances, nfe = [], [], []
-        parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
-        for part, c in zip(x.split(batch_size), parts, strict=True):
-            lp, var, n = self._log_prob_batch(part, opts, generator, c)
-            lps.append(lp)
-            variances.append(var)
-            nfe.append(n)
-        lp, var = _spread(lps, keep, -math.inf), _spread(variances, keep, 0.0)
+        with torch.set_grad_enabled(grad):
+            x = self._as_data(x, "log_prob")
+            marginal = context is None and self.context is not None and self.context.kind == "labels"
+            rows = None if marginal else self._rows(context, len(x), "log_prob")
+            keep = self.preprocess.inside(x)  # bounded data: a point on or outside a bound has density 0, unsolved
+            if keep is not None:
+                x, rows = x[keep], rows[keep] if rows is not None else None
+            batch_size = batch_size or self._log_prob_batch_size(max(len(x), 1), opts, rows)
+            lps, variances, nfe = [], [], []
+            parts = rows.split(batch_size) if rows is not None else [None] * -(-len(x) // batch_size)
+            for part, c in zip(x.split(batch_size), parts, strict=True):
+                lp, var, n = self._log_prob_batch(part, opts, generator, c)
+                lps.append(lp)
+                variances.append(var.detach())
+                nfe.append(n)
+            lp, var = _spread(lps, keep, -math.inf), _spread(variances, keep, 0.0)
         if not return_info:
             return lp
-        info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start}
+        info = {"nfe": sum(nfe) / max(len(nfe), 1), "seconds": time.perf_counter() - start, "batch_size": batch_size}
         return lp, info | {"variance": var} | opts
 
-    def batch(
-        self, n: int, default: int, *, trace: bool = False, context: Tensor | None = None, copies: int = 1
-    ) -> int:
-        """Points per solve of ``n`` points when the caller gives none: what fits in the device's free memory
-        (:func:`flows.memory.auto_batch`), ``default`` on a CPU. ``trace``: a log-density solve; ``context``: model
-        space rows of the context; ``copies``: solves of each point at once (probes x dequantizations, guidance)."""
-        return max(
-            1,
-            auto_batch(self.field, self.state_shape, n * copies, default * copies, trace=trace, context=context)
-            // copies,
-        )
-
-    def log_prob_batch(
+    def _log_prob_batch_size(
         self, n: int, opts: dict[str, Any], context: Tensor | None = None, default: int = LOG_PROB_BATCH
     ) -> int:
-        """Points per solve of :meth:`log_prob` on ``n`` points with ``opts`` (:meth:`log_prob_options`): what fits in
-        the device's free memory, ``default`` on a CPU. ``context``: their contexts (data units), if any."""
+        """Points per solve of :meth:`log_prob` on ``n`` points with ``opts`` (:meth:`_log_prob_options`): what fits
+        in the device's free memory, ``default`` on a CPU. ``context``: their contexts (data units), if any."""
         if self.context is not None:  # a context row to measure with (a label for the marginal's solves)
             some = context[:1] if context is not None else torch.zeros(1, dtype=torch.long, device=self.device)
             context = self.context.model(some.to(self.device))
@@ -448,9 +517,9 @@ class Flow:
         solver = opts["solver"]
         if opts["trace"] == "exact" and (solver.get("compile") or solver.get("checkpoint")):
             copies *= math.prod(self.state_shape)  # forward mode: the Jacobian columns, one vmapped batch
-        return self.batch(n, default, trace=True, context=context, copies=copies)
+        return self._batch(n, default, trace=True, context=context, copies=copies)
 
-    def log_prob_options(
+    def _log_prob_options(
         self,
         trace: str = "auto",
         probes: int = 1,
@@ -461,7 +530,7 @@ class Flow:
         """What :meth:`log_prob` resolves its arguments to: ``trace`` ("auto" decided), ``probes``, ``deq_samples``
         and ``augment_samples`` (1 where they do not apply), ``likelihood`` and ``solver``; what its info dict
         reports of them."""
-        trace = auto_trace(trace, self.field, self.shape)  # an augmented flow: by the data's dimension
+        trace = self._auto_trace(trace)
         if probes <= 0 or deq_samples <= 0 or (augment_samples is not None and augment_samples <= 0):
             raise FlowsError("probes, deq_samples and augment_samples must be positive")
         if augment_samples is None:  # a bound by default: Hutchinson's estimates are unbiased only at K = 1
@@ -473,7 +542,7 @@ class Flow:
             "deq_samples": deq_samples if self.levels is not None else 1,
             "augment_samples": augment_samples,
             "likelihood": aug.likelihood(self.augment, trace, augment_samples),
-            "solver": dict(self.solve_options(**solve)),
+            "solver": dict(self._solve_options(**solve)),
         }
 
     def _log_prob_batch(
@@ -517,11 +586,7 @@ class Flow:
         for y in range(self.context.classes):
             generator.set_state(state)
             parts.append(self._log_prob_batch(raw, opts, generator, torch.full((len(raw),), y, device=raw.device)))
-        weighted = torch.stack([p[0] for p in parts]) + prior.log()[:, None]  # (K, B)
-        lp = torch.logsumexp(weighted, 0)
-        resp = (weighted - lp).exp()
-        var = (resp**2 * torch.stack([p[1] for p in parts])).sum(0)
-        return lp, var, sum(p[2] for p in parts)
+        return mix(parts, prior)
 
     @staticmethod
     def _info(res: SampleResult) -> dict[str, Any]:
@@ -534,6 +599,27 @@ class Flow:
         if not return_info:
             return out
         return out, {**info, "seconds": time.perf_counter() - start, "solver": dict(solver)}
+
+
+def mix(parts: list[tuple[Tensor, Tensor, int]], weights: Tensor) -> tuple[Tensor, Tensor, int]:
+    """log Σ_k w_k p_k(x) of K components' (log p_k (B,), probe variance (B,), NFE), with ``weights`` (K,) summing
+    to 1 (a mixture's members, a label's classes); the variance by the delta method, Σ_k r_k² var_k with r_k the
+    responsibilities; the NFE summed."""
+    weighted = torch.stack([p[0] for p in parts]) + weights.to(parts[0][0].device, torch.float64).log()[:, None]
+    lp = torch.logsumexp(weighted, 0)
+    resp = (weighted - lp).exp()
+    var = (resp**2 * torch.stack([p[1] for p in parts])).sum(0)
+    return lp, var.detach(), sum(p[2] for p in parts)
+
+
+def _renamed(chunk: int | None, batch_size: int | None) -> int | None:
+    """``chunk=``, the former name of ``batch_size=`` (points per solve), still accepted with a warning."""
+    if chunk is None:
+        return batch_size
+    warnings.warn("chunk= is now batch_size= (points per solve)", DeprecationWarning, stacklevel=3)
+    if batch_size is not None and batch_size != chunk:
+        raise FlowsError(f"give batch_size= only (chunk={chunk} is its former name)")
+    return chunk
 
 
 def _spread(parts: list[Tensor], keep: Tensor | None, fill: float) -> Tensor:

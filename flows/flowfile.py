@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from flows.context import Context
 from flows.errors import CheckpointError, ConfigError, FlowsError
+from flows.files import atomic_path
 from flows.flow import Flow
 from flows.mixture import Mixture
 from flows.nn import build_field, settings_from
@@ -91,9 +92,8 @@ def write(
         if len(weights) != len(members) + 1:
             raise CheckpointError(f"{len(weights)} mixture weights for {len(members) + 1} members")
         metadata["mixture"] = json.dumps([float(w) for w in weights])
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

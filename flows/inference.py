@@ -41,36 +41,15 @@ from flows.checkpoint import latest_checkpoint
 from flows.config import Config, load_config, to_dict
 from flows.data.tables import load_array
 from flows.errors import ConfigError, FlowsError
+from flows.files import atomic_path, atomic_write
 from flows.flow import Flow
 from flows.loading import load
 from flows.prior import TruncatedPrior, check_prior, draw, prior_box
+from flows.recipes import POSTERIOR
 from flows.simulation import SimulationStore, resolve
 
 __all__ = ["infer", "run_inference", "POSTERIOR", "prior_of", "simulator_of"]
 
-# the recipe of configs/posterior.yaml (tests/test_inference.py keeps them equal): flows.infer's defaults
-POSTERIOR: dict[str, Any] = {
-    "run_dir": "runs/posterior",
-    "data": {"name": "tabular", "test_fraction": 0.1, "val_fraction": 0.1},
-    "model": {"hidden": [128, 128, 128], "activation": "tanh", "time_features": 16},
-    "objective": {"name": "fm", "path": "condot", "coupling": "independent"},
-    "train": {
-        "steps": 1_000_000,
-        "time_limit": 4,
-        "batch_size": 256,
-        "lr": 3.0e-3,
-        "warmup_steps": 10,
-        "schedule": "cosine",
-        "grad_clip": 0,
-        "eval_every": 0,
-        "evals_per_budget": 20,
-        "patience": 5,
-        "members": 8,
-        "log_every": 50,
-        "save_every": 5000,
-    },
-    "eval": {"trace": "exact", "periodic_size": 5000},
-}
 LOOP_KEYS = (
     "simulator",
     "prior",
@@ -154,13 +133,11 @@ def infer(
 
 def _write(path: Path, content: str | np.ndarray) -> None:
     """A file a resume reads, written whole or not at all (a kill never leaves half of it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        with tmp.open("wb") as f:
-            np.save(f, content)
-    os.replace(tmp, path)
+        atomic_write(path, content)
+        return
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, content)
 
 
 def _saved(root: Path, cfg: Config) -> Config:
@@ -306,14 +283,15 @@ def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, res
         report["rounds"].append(info)
     if state.is_main_process:
         last = root / f"round_{len(shares) - 1}"
-        for name in ("model.safetensors", "eval.json"):
-            shutil.copyfile(last / name, root / f".{name}.tmp")
-            os.replace(root / f".{name}.tmp", root / name)
-        shutil.copyfile(root / "simulations" / f"pairs_{len(shares) - 1}.npz", root / "simulations.npz")
+        copies = {name: last / name for name in ("model.safetensors", "eval.json")}
+        copies["simulations.npz"] = root / "simulations" / f"pairs_{len(shares) - 1}.npz"
+        for name, source in copies.items():
+            with atomic_path(root / name) as tmp:
+                shutil.copyfile(source, tmp)
         report |= {"simulations": sum(i["simulated"] for i in report["rounds"]), "bounds": bounds}
         if d.rounds == 1 and d.calibration > 0:
             report["calibration"] = check_calibration(root, d.calibration, cfg.train.seed)
-        (root / "inference.json").write_text(json.dumps(report, indent=2))
+        atomic_write(root / "inference.json", json.dumps(report, indent=2))
     state.wait_for_everyone()
     return root
 

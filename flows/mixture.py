@@ -1,30 +1,38 @@
 """A mixture of flows as one model: p(x) = Σ_m w_m p_m(x).
 
-The members share the data's preprocessing and shape (they are trained on the same rows), so a mixture
-is a :class:`flows.Flow` to every caller: ``log_prob`` is exact (the log-sum-exp of the members' exact
-log-densities, weighted; augmented members' bounds give a bound), ``sample`` draws each point from a member
-chosen with probability w_m, and ``evaluate.py``, ``sample.py`` and ``flows.load`` treat it as one model. A
-mixture has no single latent space, so ``encode`` and ``decode`` are refused: use ``model.members[k]``.
+A :class:`Mixture` is composed of its member flows: it holds no field of its own. The members model the same data
+(they are trained on the same rows), so they share the data's shape, preprocessing, context and solver, and the
+mixture offers every operation of a :class:`flows.Flow` on them: ``log_prob`` is exact (the log-sum-exp of the
+members' exact log-densities, weighted; augmented members' bounds give a bound), ``sample`` draws each point from a
+member chosen with probability w_m (``rsample`` and ``distribution`` too), and ``evaluate.py``, ``sample.py`` and
+``flows.load`` treat it as one model. A mixture has no single latent space, so ``encode`` and ``decode`` are
+refused: use ``model.members[k]``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from flows.context import Context
 from flows.errors import FlowsError
-from flows.flow import Flow
+from flows.flow import Flow, mix
 from flows.ode import SolverOptions
+from flows.preprocess import Preprocess
 
 __all__ = ["Mixture"]
 
 
 class Mixture(Flow):
-    """Members (:class:`Flow`) with weights that sum to 1. The attributes a single flow has (``field``,
-    ``preprocess``, ``shape``, ``solver``, ``config``, ``step``, ``path``) are the first member's."""
+    """Member flows with weights that sum to 1 (``members``, ``weights``). ``shape``, ``preprocess``, ``context``,
+    ``solver``, ``config`` and ``step`` are what the members share; there is no ``field`` (each member has its
+    own: ``mixture.members[k].field``)."""
 
     def __init__(self, members: list[Flow], weights: Tensor | list[float] | None = None, path: Any = None):
         if not members:
@@ -37,41 +45,86 @@ class Mixture(Flow):
             w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
             if len(w) != len(members) or (w < 0).any() or not math.isclose(float(w.sum()), 1.0, rel_tol=1e-6):
                 raise FlowsError(f"mixture weights must be {len(members)} non-negative numbers summing to 1")
-        super().__init__(
-            first.field, first.preprocess, first.shape, first.solver, first.config, first.step, path, first.context
+        self.members, self.weights = list(members), w
+        self.solver, self.config, self.step = dict(first.solver), first.config, first.step
+        self.path: Path | None = path
+
+    # ------------------------------------------------------------------ what the members share
+    @property
+    def field(self) -> nn.Module:  # type: ignore[override]
+        raise FlowsError(
+            f"a mixture of {len(self.members)} flows has no single field: each member has its own, "
+            "model.members[k].field"
         )
-        self.members, self.weights = members, w
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.members[0].shape
+
+    @property
+    def preprocess(self) -> Preprocess:  # type: ignore[override]
+        """The members' preprocessing (one, fitted on the rows they were all trained on)."""
+        return self.members[0].preprocess
+
+    @property
+    def context(self) -> Context | None:  # type: ignore[override]
+        """What the members are conditioned on (the same context, fitted on the same rows)."""
+        return self.members[0].context
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def augment(self) -> int:
+        return self.members[0].augment
+
+    @property
+    def _dtype(self) -> torch.dtype | None:
+        return self.members[0]._dtype
+
+    @property
+    def _analytic(self) -> bool:
+        return all(m._analytic for m in self.members)
+
+    def _auto_trace(self, trace: str) -> str:
+        traces = {m._auto_trace(trace) for m in self.members}
+        return traces.pop() if len(traces) == 1 else "exact"  # members of different kinds: the exact trace
+
+    def _check_guidance(self, guidance: float) -> None:
+        for m in self.members:
+            m._check_guidance(guidance)
+
+    def _batch(
+        self, n: int, default: int, *, trace: bool = False, context: Tensor | None = None, copies: int = 1
+    ) -> int:
+        return min(m._batch(n, default, trace=trace, context=context, copies=copies) for m in self.members)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Every member's parameters, made trainable (the weights stay fixed)."""
+        return itertools.chain.from_iterable(m.parameters() for m in self.members)
 
     def to(self, device: torch.device | str) -> Mixture:
         for m in self.members:
             m.to(device)
-        first = self.members[0]
-        self.field, self.preprocess, self.context = first.field, first.preprocess, first.context
         return self
 
     def __repr__(self) -> str:
-        return f"Mixture({len(self.members)} x {super().__repr__()})"
+        return f"Mixture({len(self.members)} x {self.members[0]!r}, path={str(self.path) if self.path else None!r})"
 
     # ------------------------------------------------------------------ log-density
     def _log_prob_batch(
         self, raw: Tensor, opts: dict[str, Any], generator: torch.Generator | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor, int]:
-        """log Σ_m w_m p_m(x) of one batch (p_m(x | c) with a context). The variance (Hutchinson probes) is the
-        delta method's: Σ_m r_m² var_m, with r_m the members' responsibilities."""
-        parts = [m._log_prob_batch(raw, opts, generator, context) for m in self.members]
-        lps = torch.stack([p[0] for p in parts])  # (M, B)
-        weighted = lps + self.weights.to(lps.device).log()[:, None]
-        lp = torch.logsumexp(weighted, 0)
-        resp = (weighted - lp).exp()
-        var = (resp**2 * torch.stack([p[1] for p in parts])).sum(0)
-        return lp, var, sum(p[2] for p in parts)
+        """log Σ_m w_m p_m(x) of one batch (p_m(x | c) with a context); the variance by the delta method."""
+        return mix([m._log_prob_batch(raw, opts, generator, context) for m in self.members], self.weights)
 
     # ------------------------------------------------------------------ sampling
     def _draw(
         self,
         n: int,
         generator: torch.Generator | None,
-        chunk: int,
+        batch_size: int | None,
         progress: bool,
         solver: SolverOptions,
         context: Tensor | None = None,
@@ -81,9 +134,7 @@ class Mixture(Flow):
         draw itself). Info: ``nfe`` summed over members, transport averaged over points, ``member`` (n,)."""
         device = self.device
         which = torch.multinomial(self.weights.to(device).float(), n, replacement=True, generator=generator)
-        out = torch.empty((n, *self.shape), device=device)
-        noise = torch.empty((n, *self.state_shape), device=device)  # an augmented flow's noise: D + A
-        kinetic = torch.empty(n, device=device)
+        parts: dict[int, tuple[Tensor, dict[str, Any]]] = {}
         info: dict[str, Any] = {"nfe": 0, "kinetic_energy": 0.0, "straightness": 0.0}
         for m, member in enumerate(self.members):
             mask = which == m
@@ -91,12 +142,20 @@ class Mixture(Flow):
             if count == 0:
                 continue
             c = context[mask] if context is not None else None
-            x, part = member._draw(count, generator, chunk, progress, solver, c, guidance)
-            out[mask], noise[mask], kinetic[mask] = x.to(out.dtype), part["noise"].to(out.dtype), part["kinetic"]
-            info["nfe"] += part["nfe"]
+            parts[m] = member._draw(count, generator, batch_size, progress, solver, c, guidance)
+            info["nfe"] += parts[m][1]["nfe"]
             for key in ("kinetic_energy", "straightness"):
-                info[key] += part[key] * count / n
-        return out, info | {"kinetic": kinetic, "noise": noise, "member": which}
+                info[key] += parts[m][1][key] * count / n
+        # each member's points back at their places (index_put: differentiable when the members' draws are)
+        order = torch.cat([(which == m).nonzero().flatten() for m in parts])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=device)
+
+        def gather(key: str | None) -> Tensor:
+            values = [x if key is None else part[key] for x, part in parts.values()]
+            return torch.cat([v.to(values[0].dtype) for v in values])[inverse]
+
+        return gather(None), info | {"kinetic": gather("kinetic"), "noise": gather("noise"), "member": which}
 
     # ------------------------------------------------------------------ no single latent space
     def encode(self, *args: Any, **kwargs: Any) -> Any:

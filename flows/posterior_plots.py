@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from flows.files import atomic_write
+
 __all__ = ["plot_corner", "plot_calibration", "save_calibration"]
 
 MAX_PARAMETERS = 10  # a pair plot draws the first ten parameters
@@ -98,6 +100,6 @@ def save_calibration(path: str | Path, calibration: Any, **extra: Any) -> dict[s
     """The checks' summary (with ``extra`` entries) as JSON at ``path``, and their picture beside it (``.png``)."""
     path = Path(path)
     summary = calibration.summary() | extra
-    path.write_text(json.dumps(summary, indent=2))
+    atomic_write(path, json.dumps(summary, indent=2))
     plot_calibration(path.with_suffix(".png"), calibration)
     return summary

@@ -33,7 +33,7 @@ def grid_log_density(flow: Flow, reference: np.ndarray, chunk: int | None, size:
     ``chunk``: points per solve (None: what fits in the device's memory, 10,000 on a CPU). ``solver``: ``method``,
     ``atol``, ``rtol``, ``steps`` for ``Flow.log_prob`` (default: the flow's)."""
     points, extent = grid(reference, size)
-    chunk = chunk or flow.log_prob_batch(len(points), flow.log_prob_options("exact", **solver), default=10_000)
+    chunk = chunk or flow._log_prob_batch_size(len(points), flow._log_prob_options("exact", **solver), default=10_000)
     gen = torch.Generator(flow.device).manual_seed(0)  # an augmented flow's draws: seeded, one picture per run
     lp = flow.log_prob(torch.from_numpy(points), trace="exact", batch_size=chunk, generator=gen, **solver)
     return lp.cpu().numpy(), extent

@@ -27,20 +27,20 @@ class SampleResult:
         return (self.x - self.z).flatten(1).pow(2).sum(1) / self.kinetic.clamp_min(1e-12)
 
 
-@torch.no_grad()
 def _flow(
     field: nn.Module,
     start: Tensor,
     t0: float,
     t1: float,
-    chunk: int,
+    batch_size: int,
     progress: bool,
     solver: SolverOptions,
     context: Tensor | None = None,
 ) -> SampleResult:
+    """Solve ``start`` from t0 to t1 in parts; differentiable while gradients are enabled (the caller decides)."""
     xs, kin, nfe = [], [], 0
-    parts = start.split(chunk)
-    contexts = context.split(chunk) if context is not None else [None] * len(parts)
+    parts = start.split(batch_size)
+    contexts = context.split(batch_size) if context is not None else [None] * len(parts)
     bar = tqdm(parts, desc="solve", unit="chunk", disable=not progress or len(parts) < 2)
     for part, c in zip(bar, contexts, strict=True):
         sol = solve(field, part, t0, t1, kinetic=True, context=c, **solver)
@@ -55,13 +55,13 @@ def sample(
     n: int,
     shape: tuple[int, ...],
     *,
-    chunk: int = 10_000,
+    batch_size: int = 10_000,
     generator: torch.Generator | None = None,
     progress: bool = False,
     context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> SampleResult:
-    """``n`` samples (n, *shape) in model space, solved in chunks of ``chunk`` (bounded memory).
+    """``n`` samples (n, *shape) in model space, solved ``batch_size`` points at a time (bounded memory).
 
     The noise is drawn on the field's device (``generator``, if given, must live there too). A conditional
     field's ``context`` has one row per sample.
@@ -70,33 +70,33 @@ def sample(
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     device = param.device if param is not None else torch.device("cpu")
     z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
-    return _flow(field, z, 0.0, 1.0, chunk, progress, solver, context)
+    return _flow(field, z, 0.0, 1.0, batch_size, progress, solver, context)
 
 
 def encode(
     field: nn.Module,
     x: Tensor,
     *,
-    chunk: int = 10_000,
+    batch_size: int = 10_000,
     progress: bool = False,
     context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> SampleResult:
     """Data (model space, t=1) → base points (t=0); ``result.x`` holds the codes."""
-    return _flow(field, x, 1.0, 0.0, chunk, progress, solver, context)
+    return _flow(field, x, 1.0, 0.0, batch_size, progress, solver, context)
 
 
 def decode(
     field: nn.Module,
     z: Tensor,
     *,
-    chunk: int = 10_000,
+    batch_size: int = 10_000,
     progress: bool = False,
     context: Tensor | None = None,
     **solver: Unpack[SolverOptions],
 ) -> SampleResult:
     """Base points (t=0) → model space (t=1); ``result.x`` holds the data points."""
-    return _flow(field, z, 0.0, 1.0, chunk, progress, solver, context)
+    return _flow(field, z, 0.0, 1.0, batch_size, progress, solver, context)
 
 
 def transport_summary(res: SampleResult) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flows.errors import ConfigError, SimulationError
+from flows.files import atomic_path
 
 __all__ = ["resolve", "batch_seed", "simulate", "SimulationStore"]
 
@@ -111,9 +112,8 @@ class SimulationStore:
 
     def _write(self, path: Path, theta: np.ndarray, x: np.ndarray, finite: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, theta=theta[finite].astype(np.float32), x=x[finite], dropped=np.int64((~finite).sum()))
-        os.replace(tmp, path)  # a kill leaves a whole batch or none
+        with atomic_path(path) as tmp, tmp.open("wb") as f:  # a kill leaves a whole batch or none
+            np.savez(f, theta=theta[finite].astype(np.float32), x=x[finite], dropped=np.int64((~finite).sum()))
 
     def batches(self, round_: int) -> list[Path]:
         return sorted((self.folder / f"round_{round_}").glob("batch_*[0-9].npz"))
@@ -149,7 +149,6 @@ class SimulationStore:
             raise SimulationError(
                 f"every simulation of rounds {list(rounds)} returned NaN or Inf: nothing to train on ({self.folder})"
             )
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, theta=theta, x=x, round=which)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
+            np.savez(f, theta=theta, x=x, round=which)
         return len(theta), tuple(x.shape[1:])

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_images import image_overrides
+from helpers import image_overrides, tiny_overrides
 
 import flows
 from flows.cli.evaluate import main as evaluate_main

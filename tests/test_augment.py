@@ -4,14 +4,18 @@ vectors, mixtures, checkpoints, init_from, resume)."""
 
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import (
+    assert_resume_is_exact,
+    assert_same_tensors,
+    conditional_overrides,
+    image_overrides,
+    script,
+    tiny_overrides,
+)
 from safetensors.torch import load_file
-from test_images import image_overrides
-from test_training import assert_resume_is_exact, conditional_overrides, run
 from torch import nn
 
 import flows
@@ -103,9 +107,7 @@ def test_augment_zero_is_todays_run_bit_for_bit(tmp_path):
     train(load_config(None, tiny_overrides(tmp_path / "plain", steps=3)))
     train(load_config(None, [*tiny_overrides(tmp_path / "zero", steps=3), "model.augment=0"]))
     a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("plain", "zero"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
+    assert_same_tensors(b, a)
     plain, zero = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("plain", "zero"))
     assert plain["nll"] == zero["nll"] and "likelihood" not in zero
 
@@ -129,7 +131,7 @@ def test_both_objectives_train_an_augmented_flow_that_reports_its_bound(tmp_path
     if objective == "mle":  # evaluate.py says what it reports, and how tight it is
         out = tmp_path / "e.json"
         args = ["evaluate.py", str(run_dir), "--augment-samples", "2", "--gap-points", "5", "--json", str(out)]
-        proc = run([sys.executable, *args, "--check", "0"])
+        proc = script(*args, "--check", "0")
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "lower bound on log p (importance-weighted over K=2 augmentations)" in proc.stdout
         written = json.loads(out.read_text())

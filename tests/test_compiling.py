@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_gpu_ready import field
+from helpers import FLOAT32, mlp_field, tiny_overrides
 
 import flows.steppers
 from flows.api import train
@@ -27,13 +26,13 @@ def no_compiler(monkeypatch):
 
 
 def test_a_solve_that_cannot_compile_runs_eagerly_with_one_notice(no_compiler, capsys):
-    f, x = field(hidden=(8,)), torch.randn(16, 2)
+    f, x = mlp_field(hidden=(8,)), torch.randn(16, 2)
     options = dict(trace="exact", kinetic=True, method="rk4", step_size=0.25)
     eager = solve(f, x, 1.0, 0.0, **options)
     for _ in range(2):
         fallen = solve(f, x, 1.0, 0.0, compile=True, **options)
-        torch.testing.assert_close(fallen.x, eager.x, atol=1e-6, rtol=1e-6)  # forward mode, times as tensors
-        torch.testing.assert_close(fallen.divergence, eager.divergence, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fallen.x, eager.x, **FLOAT32)  # forward mode, times as tensors: float32 sums
+        torch.testing.assert_close(fallen.divergence, eager.divergence, **FLOAT32)
     notices = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
     assert notices == [
         "notice: torch.compile failed for the fixed-step solve (solver.compile) (RuntimeError: backend 'inductor' "
@@ -55,6 +54,30 @@ def test_an_error_of_the_call_itself_is_not_hidden_nor_is_running_out_of_memory(
     with pytest.raises(torch.OutOfMemoryError):
         call(1)
     assert not call.failed  # still compiled: the next call may fit
+
+
+def test_checkpointings_early_stop_passes_through_a_compiled_step():
+    """torch.utils.checkpoint stops a recomputation by raising through the recomputed function: not a compiler
+    failure (falling back there ran the eager step on with the stop set: 'target_frame.early_stop is set')."""
+    from flows.compiling import CONTROL_FLOW
+
+    assert CONTROL_FLOW, "torch.utils.checkpoint's early-stop exception has moved: update flows.compiling"
+
+    def stop(x):
+        raise CONTROL_FLOW[0]()
+
+    call = EagerFallback(stop, lambda x: x, "f")
+    with pytest.raises(CONTROL_FLOW[0]):
+        call(1)
+    assert not call.failed
+    # and end to end: a checkpointed function that goes through the fallback recomputes and differentiates
+    w = torch.randn(3, requires_grad=True)
+    step = EagerFallback(lambda x: (x * w).sin().cos(), lambda x: (x * w).sin().cos(), "step")
+    x = torch.randn(3)
+    out = torch.utils.checkpoint.checkpoint(step, x, use_reentrant=False)
+    (grad,) = torch.autograd.grad(out.sum(), w)
+    (expected,) = torch.autograd.grad((x * w).sin().cos().sum(), w)
+    torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("objective", ["mle", "fm"])

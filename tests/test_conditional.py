@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from safetensors.torch import load_file
+from helpers import assert_same_tensors, script, unit, weights, write_sims
 from torch import nn
 
 import flows
@@ -46,15 +43,6 @@ def randomized(module: nn.Module) -> nn.Module:
     return module
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """A script of the checkout (``evaluate.py``, ``sample.py``) run as a user would."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def unit(dim: int) -> Preprocess:
-    return Preprocess(torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64))
-
-
 # ------------------------------------------------------------------ the field reads the context
 def test_the_context_reaches_the_output_and_changes_samples():
     torch.manual_seed(0)
@@ -64,7 +52,7 @@ def test_the_context_reaches_the_output_and_changes_samples():
     field(x, t, c).sum().backward()
     assert c.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.embed.parameters())
-    flow = Flow(field.eval(), unit(2), (2,), context=Context("vector", 3))
+    flow = Flow(field.eval(), unit(2, torch.float64), (2,), context=Context("vector", 3))
     gen = torch.Generator().manual_seed(1)
     a = flow.sample(50, context=torch.zeros(3), generator=gen.manual_seed(1), steps=8)
     b = flow.sample(50, context=torch.ones(3), generator=gen.manual_seed(1), steps=8)
@@ -89,7 +77,7 @@ def test_rows_do_not_interact_with_a_context():
 def test_log_prob_of_a_conditional_gaussian_equals_the_closed_form():
     a = torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]], dtype=torch.float64)
     s = 0.6
-    flow = Flow(ShiftScaleField(a, s), unit(3), (3,), context=Context("vector", 2))
+    flow = Flow(ShiftScaleField(a, s), unit(3, torch.float64), (3,), context=Context("vector", 2))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(20, 3, generator=gen, dtype=torch.float64)
     c = torch.randn(20, 2, generator=gen, dtype=torch.float64)
@@ -175,7 +163,7 @@ def test_the_marginal_over_labels_is_the_log_sum_exp_of_the_conditionals():
 
 
 def test_bad_contexts_are_clear_errors():
-    vector = Flow(TimeMLP(2, [8], context_dim=3), unit(2), (2,), context=Context("vector", 3))
+    vector = Flow(TimeMLP(2, [8], context_dim=3), unit(2, torch.float64), (2,), context=Context("vector", 3))
     with pytest.raises(FlowsError, match="context of 3 features"):
         vector.sample(4, context=torch.zeros(2))
     with pytest.raises(FlowsError, match="pass context="):
@@ -186,7 +174,7 @@ def test_bad_contexts_are_clear_errors():
         vector.sample(4, context=torch.tensor([0.0, float("nan"), 1.0]))
     with pytest.raises(FlowsError, match="cannot be guided"):
         vector.sample(4, context=torch.zeros(3), guidance=2.0)
-    plain = Flow(TimeMLP(2, [8]), unit(2), (2,))
+    plain = Flow(TimeMLP(2, [8]), unit(2, torch.float64), (2,))
     with pytest.raises(FlowsError, match="unconditional"):
         plain.sample(4, context=torch.zeros(3))
     with pytest.raises(FlowsError, match="cannot be guided"):
@@ -201,14 +189,6 @@ def test_bad_contexts_are_clear_errors():
 
 
 # ------------------------------------------------------------------ data and config
-def write_sims(path, n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    theta = rng.uniform(-1, 1, size=(n, 2)).astype(np.float32)
-    x = np.concatenate([theta + 0.1 * rng.normal(size=(n, 2)), rng.normal(size=(n, 1))], 1).astype(np.float32)
-    np.savez(path, theta=theta, x=x)
-    return theta, x
-
-
 def sims_overrides(tmp_path, run="run", steps=6, extra=()):
     sims = tmp_path / "sims.npz"
     if not sims.exists():
@@ -293,6 +273,7 @@ def test_a_context_run_trains_loads_and_samples_inside_its_bounds(sims_run):
     )
 
 
+@pytest.mark.slow  # three CLI subprocesses (evaluate.py = log_prob in process: tests/test_api.py)
 def test_evaluate_cli_with_a_context_equals_log_prob(sims_run, tmp_path):
     tmp, run = sims_run
     model = flows.load(run)
@@ -301,14 +282,14 @@ def test_evaluate_cli_with_a_context_equals_log_prob(sims_run, tmp_path):
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "eval.json"
     cmd = ["evaluate.py", str(run.path), "--data", str(tmp_path / "theta.npy"), "--context", str(tmp_path / "x.npy")]
-    proc = cli(*cmd, "--json", str(out), "--per-point", str(tmp_path / "lp.npy"))
+    proc = script(*cmd, "--json", str(out), "--per-point", str(tmp_path / "lp.npy"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lp = model.log_prob(torch.as_tensor(theta), context=torch.as_tensor(x), batch_size=1000)
     assert np.array_equal(np.load(tmp_path / "lp.npy"), lp.numpy())  # to the last digit
     assert json.loads(out.read_text())["density"] == "p(x | c)"
-    missing = cli(*cmd[:4])
+    missing = script(*cmd[:4])
     assert missing.returncode != 0 and "pass --context" in missing.stderr
-    bad = cli("sample.py", str(run.path), "-n", "4", "--label", "1")
+    bad = script("sample.py", str(run.path), "-n", "4", "--label", "1")
     assert bad.returncode != 0 and "not --label" in bad.stderr
 
 
@@ -322,9 +303,7 @@ def test_a_context_run_resumes_exactly_and_serves_init_from(sims_run, tmp_path):
     trainer = Trainer(cfg, resume=True)
     trainer.run()
     trainer.accelerator.end_training()
-    a, b = load_file(str(full.path / "model.safetensors")), load_file(str(tmp / "cut" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_tensors(weights(tmp / "cut"), weights(full.path))
     mle = flows.train(
         None,
         overrides=sims_overrides(tmp, "mle", steps=2, extra=["objective.name=mle", f"train.init_from={full.path}"]),
@@ -337,6 +316,7 @@ def test_a_context_run_resumes_exactly_and_serves_init_from(sims_run, tmp_path):
         )
 
 
+@pytest.mark.slow  # a digits run and two sample.py subprocesses
 def test_label_conditional_digits_train_sample_and_evaluate(tmp_path):
     overrides = [
         f"run_dir={tmp_path / 'digits'}",
@@ -356,12 +336,12 @@ def test_label_conditional_digits_train_sample_and_evaluate(tmp_path):
     assert math.isclose(float(model.context.prior.sum()), 1.0)
     grid = model.sample(2, context=torch.arange(10), guidance=2.0, steps=2)
     assert grid.shape == (10, 2, 1, 8, 8)
-    out = str(tmp_path / "s")
-    proc = cli("sample.py", str(run.path), "--label", "all", "-n", "2", "--guidance", "1", "--steps", "2", "--out", out)
+    args = ["--label", "all", "-n", "2", "--guidance", "1", "--steps", "2", "--out", str(tmp_path / "s")]
+    proc = script("sample.py", str(run.path), *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (10, 2, 1, 8, 8)
     assert (tmp_path / "s" / "samples_grid.png").is_file()
-    bad = cli("sample.py", str(run.path), "--label", "12", "--steps", "2")
+    bad = script("sample.py", str(run.path), "--label", "12", "--steps", "2")
     assert bad.returncode != 0 and "outside the 10 classes" in bad.stderr
 
 
@@ -382,7 +362,7 @@ def test_the_conditional_standardization_is_an_exact_affine_map():
         def forward(self, x, t, context):
             return torch.zeros_like(x)
 
-    flow = Flow(Zero(), unit(2), (2,), context=ctx)
+    flow = Flow(Zero(), unit(2, torch.float64), (2,), context=ctx)
     expected = torch.distributions.MultivariateNormal(ctx.offset + c[:50] @ ctx.weights.T, scale_tril=ctx.chol)
     torch.testing.assert_close(flow.log_prob(x[:50], context=c[:50], steps=2), expected.log_prob(x[:50]))
     samples = flow.sample(20_000, context=c[0], steps=2)

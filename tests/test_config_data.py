@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from flows.config import DataConfig, load_config
 from flows.data import bits_per_dim, build_data, load_array

@@ -2,19 +2,14 @@
 every training row; a kill at any point resumes to the same model; eval.json says what was chosen."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from safetensors.torch import load_file
-from test_tabular import FAST, table
+from helpers import FAST, ROOT, assert_same_tensors, kill_when, script, table, weights
 
 import flows
 from flows.config import load_config
@@ -128,17 +123,14 @@ def test_a_context_run_with_few_rows_is_cross_validated(tmp_path):
 def test_a_budget_too_short_for_useful_folds_keeps_the_validation_split(tmp_path, monkeypatch):
     monkeypatch.setattr(crossval, "MIN_FOLD_STEPS", 10**9)
     table(tmp_path / "t.npy", 60)
-    run = flows.train(CONFIG, overrides=overrides(tmp_path))
+    run = flows.train(CONFIG, overrides=overrides(tmp_path, "train.time_limit=0.03"))  # 1.8 s: no fold is useful
     result = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert result["selection"] == "validation split" and run.result["selection"] == "validation split"
     assert "member_val_nll" in result and not (tmp_path / "r" / "folds").exists()
     assert flows.load(run).sample(3).shape == (3, 3)
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
+@pytest.mark.slow  # kill -9 and resume of a whole cross-validation
 @pytest.mark.parametrize("kill_in", ["folds/2", "members/0"])
 def test_a_kill_during_a_fold_or_a_refit_resumes_to_the_same_model(tmp_path, kill_in):
     table(tmp_path / "t.npy", 60)
@@ -151,20 +143,12 @@ def test_a_kill_during_a_fold_or_a_refit_resumes_to_the_same_model(tmp_path, kil
     shutil.copy(reference / "config.yaml", again / "config.yaml")
     timing = ("selection", "folds", "rows", "threshold", "step_seconds", "eval_seconds", "horizon", "timing_seconds")
     (again / STATE).write_text(json.dumps({k: state[k] for k in timing}))
-    cmd = [sys.executable, "train.py", "--resume", str(again)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (again / kill_in / "metrics.jsonl").exists():
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (again / "eval.json").exists(), "finished before the kill"
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    cmd = ["train.py", "--resume", str(again)]
+    code = kill_when([sys.executable, *cmd], (again / kill_in / "metrics.jsonl").exists)
+    assert code == -signal.SIGKILL and not (again / "eval.json").exists(), "finished before the kill"
+    done = script(*cmd)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = load_file(str(reference / "model.safetensors")), load_file(str(again / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    assert_same_tensors(weights(again), weights(reference))
     first, second = (json.loads((d / "eval.json").read_text()) for d in (reference, again))
     assert first["nll"] == second["nll"] and first["stop_step"] == second["stop_step"]
     assert np.isfinite(second["nll"])

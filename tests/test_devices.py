@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides
 
 import flows
 from flows.api import train
@@ -132,7 +132,7 @@ def solves(field, x):
     loss = -log_prob(field, x, trace="hutchinson", **adaptive).log_prob.mean()
     loss.backward()  # the adjoint
     gen = torch.Generator("cpu").manual_seed(0)
-    assert sample(field, 7, (3,), chunk=4, generator=gen, **adaptive).x.device.type == "cpu"
+    assert sample(field, 7, (3,), batch_size=4, generator=gen, **adaptive).x.device.type == "cpu"
     assert encode(field, x, **adaptive).x.device.type == "cpu"
     assert solve(field, x, 0.0, 1.0, kinetic=True, **adaptive).kinetic.device.type == "cpu"
     x0, x1 = ot_coupling(torch.randn(6, 1, 2, 2, device="cpu"), torch.randn(6, 1, 2, 2, device="cpu"))

@@ -2,14 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, LinearField, tiny_overrides
+from helpers import LinearField, launch, run, script, tiny_overrides
 
 from flows.api import train
 from flows.config import load_config
@@ -107,11 +104,6 @@ def test_tolerance_check_reports_small_changes_for_tight_solves():
     assert tight["max_abs_change"] < 1e-4 < loose["max_abs_change"]
 
 
-def cli(args, extra_env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("evalrun") / "run"
@@ -120,7 +112,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_evaluate_cli_table_json_and_check(run_dir):
-    proc = cli(["evaluate.py", str(run_dir), "--check", "20", "--batch-size", "40"])
+    proc = script("evaluate.py", str(run_dir), "--check", "20", "--batch-size", "40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NLL" in proc.stdout and "tolerance check" in proc.stdout
     result = json.loads((run_dir / "eval_test.json").read_text())
@@ -128,41 +120,13 @@ def test_evaluate_cli_table_json_and_check(run_dir):
     assert result["tolerance_check"]["n"] == 20 and result["trace"] == "exact"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_evaluate_with_two_processes_equals_one(run_dir, tmp_path):
     out = {}
     for n in (1, 2):
-        launch = [
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(n),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
-            "--num_cpu_threads_per_process",
-            "1",
-            *(["--multi_gpu"] if n > 1 else []),
-        ]
-        proc = cli(
-            [
-                *launch,
-                "evaluate.py",
-                str(run_dir),
-                "--check",
-                "0",
-                "--batch-size",
-                "20",
-                "--json",
-                str(tmp_path / f"{n}.json"),
-            ],
-            {"ACCELERATE_USE_CPU": "1"},
-        )
+        args = ["--check", "0", "--batch-size", "20", "--json", str(tmp_path / f"{n}.json")]
+        proc = run([*launch(n), "evaluate.py", str(run_dir), *args], {"ACCELERATE_USE_CPU": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[n] = json.loads((tmp_path / f"{n}.json").read_text())
     assert out[2]["processes"] == 2 and out[1]["n"] == out[2]["n"] == 101  # padding dropped
@@ -170,22 +134,8 @@ def test_evaluate_with_two_processes_equals_one(run_dir, tmp_path):
 
 
 def test_sample_cli_outputs(run_dir, tmp_path):
-    proc = cli(
-        [
-            "sample.py",
-            str(run_dir),
-            "-n",
-            "300",
-            "--trajectories",
-            "5",
-            "--out",
-            str(tmp_path / "s"),
-            "--method",
-            "rk4",
-            "--steps",
-            "8",
-        ]
-    )
+    args = ["-n", "300", "--trajectories", "5", "--out", str(tmp_path / "s"), "--method", "rk4", "--steps", "8"]
+    proc = script("sample.py", str(run_dir), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = np.load(tmp_path / "s" / "samples.npz")
     assert files["samples"].shape == (300, 2) and files["noise"].shape == (300, 2)
@@ -195,17 +145,18 @@ def test_sample_cli_outputs(run_dir, tmp_path):
     info = json.loads((tmp_path / "s" / "info.json").read_text())
     assert info["nfe"] == 32 and 0 < info["straightness"] <= 1 + 1e-6  # rk4: 4 evaluations x 8 steps
 
-    proc = cli(["sample.py", str(run_dir), "--encode", "-n", "50", "--out", str(tmp_path / "e")])
+    proc = script("sample.py", str(run_dir), "--encode", "-n", "50", "--out", str(tmp_path / "e"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.load(tmp_path / "e" / "codes.npz")["codes"].shape == (50, 2)
 
 
+@pytest.mark.slow  # three CLI subprocesses (the CLIs' errors in process: tests/test_reliability.py)
 def test_bad_paths_and_foreign_checkpoints_are_clear_errors(tmp_path):
-    proc = cli(["evaluate.py", str(tmp_path / "nowhere")])
+    proc = script("evaluate.py", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(3)}, str(tmp_path / "model.safetensors"), metadata={"format": "other"})
-    for script in ("evaluate.py", "sample.py"):
-        proc = cli([script, str(tmp_path)])
+    for name in ("evaluate.py", "sample.py"):
+        proc = script(name, str(tmp_path))
         assert proc.returncode == 2 and "not a flows checkpoint" in proc.stderr, proc.stderr[-2000:]

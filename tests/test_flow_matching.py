@@ -2,13 +2,11 @@
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_training import run
+from helpers import script, tiny_overrides
 
 import flows
 from flows.api import train
@@ -66,10 +64,10 @@ def test_flow_matching_run_is_sampled_and_evaluated_by_the_same_commands(tmp_pat
     steps = [r for r in records if "loss" in r]
     assert steps and all(r["loss"] > 0 and "nll" not in r and "nfe_forward" not in r for r in steps)
     assert flows.load(run_dir).config.objective.name == "fm"
-    proc = run([sys.executable, "evaluate.py", str(run_dir), "--limit", "10", "--check", "5"])
+    proc = script("evaluate.py", str(run_dir), "--limit", "10", "--check", "5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run_dir / "eval_test.json").read_text())["n"] == 10
-    proc = run([sys.executable, "sample.py", str(run_dir), "-n", "30", "--out", str(tmp_path / "s")])
+    proc = script("sample.py", str(run_dir), "-n", "30", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (30, 2)
 
@@ -91,7 +89,7 @@ def test_init_from_continues_with_the_other_objective(tmp_path):
 def test_mixed_precision_is_for_flow_matching_only(tmp_path):
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, [f"run_dir={tmp_path}", "train.mixed_precision=bf16"])
-    proc = run([sys.executable, "train.py", *fm_overrides(tmp_path / "bf16", 3), "train.mixed_precision=bf16"])
+    proc = script("train.py", *fm_overrides(tmp_path / "bf16", 3), "train.mixed_precision=bf16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "bf16" / "eval.json").read_text())
     assert math.isfinite(result["nll"])  # evaluation runs in float32 outside autocast

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides
 
 import flows
 from flows.config import load_config, to_dict
@@ -157,7 +157,15 @@ def test_a_file_without_a_run_config_loads_and_the_clis_ask_for_data(tmp_path, c
     assert "carries no run config" in capsys.readouterr().err
 
 
-def test_submodules_are_attributes_of_the_package():
-    assert flows.evaluation.summarize and flows.config.load_config is load_config
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+def test_the_package_offers_its_public_names_and_submodules_by_import():
+    import subprocess
+    import sys
+
+    assert flows.fit and flows.config.load_config is load_config  # an imported submodule is an attribute, as always
+    with pytest.raises(AttributeError, match=r"no attribute 'nothing'.*flows.__all__"):
         flows.nothing  # noqa: B018
+    # in a fresh process, a bare ``import flows`` offers __all__; a submodule needs its import
+    code = "import flows\ntry:\n    flows.evaluation\nexcept AttributeError:\n    print('refused')\nflows.fit"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "refused"
+    assert set(flows.__all__) <= set(dir(flows))

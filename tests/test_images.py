@@ -5,12 +5,11 @@ import gzip
 import hashlib
 import json
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
-from test_training import run
+from helpers import image_overrides, script
 
 from flows.api import train
 from flows.config import DataConfig, load_config
@@ -120,43 +119,17 @@ def test_digits_as_images():
     assert x.min() >= -1 and x.max() <= 1
 
 
-def image_overrides(run_dir, objective):
-    return [
-        f"run_dir={run_dir}",
-        "data.name=digits",
-        "data.image=true",
-        f"objective.name={objective}",
-        "objective.trace=hutchinson",
-        "eval.trace=hutchinson",
-        "model.name=unet",
-        "model.channels=8",
-        "model.channel_mult=[1,2]",
-        "model.attention_resolutions=[4]",
-        "model.groups=4",
-        "train.steps=2",
-        "train.batch_size=8",
-        "train.eval_every=0",
-        "train.save_every=2",
-        "solver.method=rk4",
-        "solver.step_size=0.5",
-        "eval.solver.method=rk4",
-        "eval.solver.step_size=0.5",
-        "eval.batch_size=64",
-    ]
-
-
-@pytest.mark.parametrize("objective", ["fm", "mle"])
+@pytest.mark.parametrize("objective", ["fm", pytest.param("mle", marks=pytest.mark.slow)])  # mle: test_unet.py
 def test_unet_on_digit_images_trains_samples_and_reports_bits_per_dim(tmp_path, objective):
     run_dir = tmp_path / objective
     result = train(load_config(None, image_overrides(run_dir, objective))).result
     assert result["trace"] == "hutchinson" and np.isfinite(result["bpd"])
     assert (run_dir / "samples_grid.png").is_file()
-    proc = run([sys.executable, "sample.py", str(run_dir), "-n", "16", "--steps", "2", "--out", str(tmp_path / "s")])
+    proc = script("sample.py", str(run_dir), "-n", "16", "--steps", "2", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (16, 1, 8, 8)
     assert (tmp_path / "s" / "samples_grid.png").is_file()
     args = [
-        sys.executable,
         "evaluate.py",
         str(run_dir),
         "--limit",
@@ -168,9 +141,9 @@ def test_unet_on_digit_images_trains_samples_and_reports_bits_per_dim(tmp_path, 
         "--trace",
         "hutchinson",
     ]
-    proc = run([*args, "--json", str(tmp_path / "e.json")])
+    proc = script(*args, "--json", str(tmp_path / "e.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/dim" in proc.stdout and json.loads((tmp_path / "e.json").read_text())["trace"] == "hutchinson"
     np.save(tmp_path / "rgb.npy", np.zeros((4, 3, 8, 8), np.float32))
-    proc = run([*args, "--data", str(tmp_path / "rgb.npy")])
+    proc = script(*args, "--data", str(tmp_path / "rgb.npy"))
     assert proc.returncode != 0 and "channels: got 3, expected 1" in proc.stderr

@@ -14,7 +14,7 @@ import pytest
 import sbi_models
 import torch
 import yaml
-from conftest import ROOT
+from helpers import FLOAT32, ROOT, TESTS, run, script
 
 import flows
 from flows.calibration import calibrate
@@ -27,7 +27,6 @@ from flows.preprocess import Preprocess
 from flows.prior import TruncatedPrior, prior_box
 from flows.simulation import SimulationStore
 
-TESTS = ROOT / "tests"
 QUICK = {"time_limit": None, "steps": 150, "members": 1, "batch_size": 256, "evals_per_budget": 0}
 
 
@@ -94,10 +93,7 @@ def test_rounds_focus_on_the_observation_and_stay_correct(tmp_path):
     # and it is focused: far narrower than the prior
     assert later.std(0).max() < 0.8
     # its held-out pairs are not all from the prior: the calibration check asks for prior pairs
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "evaluate.py", str(root), "--calibration"], cwd=ROOT, capture_output=True, text=True, env=env
-    )
+    done = script("evaluate.py", str(root), "--calibration")
     assert done.returncode != 0 and "trained in rounds" in done.stderr + done.stdout
 
 
@@ -115,11 +111,15 @@ def infer_script(root, kill_at: int, calls) -> subprocess.CompletedProcess:
         f"flows.infer(sbi_models.counted, sbi_models.prior, 1000, x_obs=torch.tensor([1.0, 0.5]), rounds=2, "
         f"run_dir={str(root)!r}, resume=True, data={{'simulation_batch': 250}}, train={QUICK!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "SBI_CALLS": str(calls)}
-    env["SBI_KILL_AT"] = str(kill_at)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    extra = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
+        "SBI_CALLS": str(calls),
+        "SBI_KILL_AT": str(kill_at),
+    }
+    return run([sys.executable, "-c", code], extra)
 
 
+@pytest.mark.slow  # kill -9 and resume in subprocesses
 def test_a_run_killed_in_round_two_resumes_without_simulating_twice(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     first = infer_script(killed, kill_at=4, calls=tmp_path / "calls_killed")  # round 1's second batch
@@ -241,9 +241,8 @@ def test_the_trial_embedding_is_permutation_invariant():
     ctx.fit_affine(torch.randn(50, 2), torch.randn(50, 8))
     flow = Flow(field, Preprocess(torch.zeros(2), torch.ones(2)), (2,), context=ctx)
     theta = torch.randn(5, 2)
-    torch.testing.assert_close(
-        flow.log_prob(theta, context=c, steps=4), flow.log_prob(theta, context=c[:, perm], steps=4)
-    )
+    lp = flow.log_prob(theta, context=c, steps=4)  # float64 of float32 work: float32 tolerances
+    torch.testing.assert_close(lp, flow.log_prob(theta, context=c[:, perm], steps=4), **FLOAT32)
     with pytest.raises(FlowsError, match=r"4 i.i.d. trials of 2 numbers; expected shape \(4, 2\)"):
         flow.sample(3, context=torch.zeros(3, 2))
 
@@ -261,7 +260,7 @@ def test_a_simulator_of_trials_trains_with_the_invariant_embedding(tmp_path):
     assert flow.sample(3, context=torch.zeros(8), steps=2).shape == (3, 2)  # flattened x works too
     x = torch.randn(4, 2)
     a = flow.log_prob(torch.zeros(1, 2), context=x, steps=4)
-    torch.testing.assert_close(a, flow.log_prob(torch.zeros(1, 2), context=x.flip(0), steps=4))
+    torch.testing.assert_close(a, flow.log_prob(torch.zeros(1, 2), context=x.flip(0), steps=4), **FLOAT32)
 
 
 # ------------------------------------------------------------------ calibration
@@ -293,22 +292,17 @@ def test_calibration_passes_the_true_posterior_and_flags_scaled_ones(scale, verd
         assert summary["coverage_error_max"] > 0.1 and not summary["sbc_uniform"]
 
 
-def script(*args: str) -> subprocess.CompletedProcess:
-    """A script of the checkout run as a user would; its failure shows its error."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
-
-
+@pytest.mark.slow  # two CLI subprocesses (calibration in process: the tests above)
 def test_evaluate_calibration_and_the_pair_plot_from_the_command_line(amortized):
     root, _ = amortized
     done = script("evaluate.py", str(root), "--calibration", "--samples", "30", "--limit", "100")
+    assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((root / "calibration.json").read_text())
     assert summary["pairs"] == 100 and summary["verdict"] in ("calibrated", "over-confident", "under-confident")
     assert (root / "calibration.png").stat().st_size > 10_000 and "coverage error" in done.stdout
     np.save(root / "x_obs.npy", np.array([[1.0, -0.5], [0.0, 0.0]], dtype=np.float32))
-    script("sample.py", str(root), "--context", str(root / "x_obs.npy"), "-n", "500", "--steps", "4")
+    done = script("sample.py", str(root), "--context", str(root / "x_obs.npy"), "-n", "500", "--steps", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
     assert (root / "samples" / "corner.png").stat().st_size > 10_000
 
 

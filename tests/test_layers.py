@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = ROOT / "flows"
 # the core: fields, paths, couplings, the divergence, ODE solves, log-density, sampling, preprocessing,
@@ -29,6 +29,8 @@ CORE = {
     "flows.sampling",
     "flows.preprocess",
     "flows.flow",
+    "flows.distribution",
+    "flows.files",
     "flows.mixture",
     "flows.context",
     "flows.flowfile",

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, env, script, tiny_overrides
 
 from flows.training.lock import LOCK_FILE, RunLocked, run_lock
 
@@ -15,10 +15,6 @@ HOLD = (
     "import sys, time; from flows.training.lock import run_lock\n"
     "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)"
 )
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 def hold(run_dir):
@@ -56,6 +52,7 @@ def test_the_lock_is_only_taken_by_the_main_process_of_a_launch(tmp_path, monkey
         holder.wait()
 
 
+@pytest.mark.slow  # two train.py processes and a kill -9
 def test_two_train_py_on_one_run_the_second_is_refused_and_a_resume_after_kill_9_runs(tmp_path):
     run_dir = tmp_path / "run"
     args = [*tiny_overrides(run_dir, steps=1_000_000), "train.save_every=5", "train.log_every=5"]
@@ -67,27 +64,13 @@ def test_two_train_py_on_one_run_the_second_is_refused_and_a_resume_after_kill_9
         while time.time() < deadline and not list((run_dir / "checkpoints").glob("*")):
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.05)
-        second = subprocess.run(
-            [sys.executable, "train.py", "--resume", str(run_dir)],
-            cwd=ROOT,
-            env=env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        second = script("train.py", "--resume", str(run_dir))
         assert second.returncode == 2
         assert f"in use by process {first.pid}" in second.stderr, second.stderr[-2000:]
         assert first.poll() is None  # the first run goes on
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    resumed = subprocess.run(
-        [sys.executable, "train.py", "--resume", str(run_dir), "train.steps=40"],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = script("train.py", "--resume", str(run_dir), "train.steps=40")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run_dir / "eval.json").exists()

@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import FAST, ROOT, assert_same_tensors, table
 from safetensors.torch import load_file
-from test_tabular import FAST, table
 from torch import nn
 
 import flows
@@ -170,12 +169,10 @@ def test_a_members_run_is_one_model_to_load_evaluate_and_sample_and_resumes_exac
     for step in (20, 30):
         shutil.rmtree(last / "checkpoints" / f"step_{step:08d}")
     flows.train(run_dir=tmp_path / "r", resume=True)
-    after = load_file(str(tmp_path / "r" / "model.safetensors"))
-    assert before.keys() == after.keys()
-    for k in before:
-        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    assert_same_tensors(load_file(str(tmp_path / "r" / "model.safetensors")), before)
 
 
+@pytest.mark.slow  # two time budgets
 def test_a_longer_budget_trains_more_members_when_validation_stops_them_early(tmp_path):
     table(tmp_path / "t.npy", 120)
     counts = {}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 import flows
 from flows.config import load_config

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides
 
 import flows
 from flows.config import DEVICE_TYPES, device_notice, load_config, to_dict

@@ -5,45 +5,18 @@ leaves the files of an existing run byte-identical.
 """
 
 import hashlib
-import os
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
-from safetensors.torch import load_file
+from helpers import STEPS, assert_same_weights, kill_when, logged_step, resumable_config, resumable_overrides, script
 
 from flows.api import train
 from flows.cli.evaluate import main as evaluate_main
 from flows.cli.sample import main as sample_main
-from flows.cli.train import DEFAULT_CONFIG
 from flows.cli.train import main as train_main
-from flows.config import load_config
-
-STEPS = 30
-
-
-def overrides(run_dir):
-    # constant lr: a cosine schedule depends on train.steps, which the half-run test changes
-    return [
-        *tiny_overrides(run_dir, steps=STEPS),
-        "train.save_every=3",
-        "train.keep_checkpoints=2",
-        "train.schedule=constant",
-    ]
-
-
-def config(run_dir, *extra):
-    """The config train.py builds from the same arguments (the default file + overrides)."""
-    return load_config(DEFAULT_CONFIG, [*overrides(run_dir), *extra])
-
-
-def weights(run_dir):
-    return {k: v for k, v in load_file(str(run_dir / "model.safetensors")).items() if k.startswith(("model.", "ema."))}
 
 
 def snapshot(root):
@@ -52,77 +25,49 @@ def snapshot(root):
     }
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    train(config(run_dir))
+    train(resumable_config(run_dir))
     return run_dir
 
 
 def kill_at(run_dir, step):
-    """Start training in a subprocess and SIGKILL it once the log shows ``step``."""
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *overrides(run_dir)],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and f'"step": {step},' in log.read_text():
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
+    """Start training in a subprocess and SIGKILL it once the log shows ``step``; its return code."""
+    return kill_when([sys.executable, "train.py", *resumable_overrides(run_dir)], logged_step(run_dir, step))
 
 
+@pytest.mark.slow  # kill -9 and resume in subprocesses (a resume in process: test_a_half_written_save_is_ignored)
 @pytest.mark.parametrize("kill_step", [4, 13, 22])
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, reference, kill_step):
     run_dir = tmp_path / "run"
     code = kill_at(run_dir, kill_step)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--resume", str(run_dir)],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = script("train.py", "--resume", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
-    a, b = weights(reference), weights(run_dir)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
+    assert_same_weights(run_dir, reference)
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == STEPS  # the repeated steps were trimmed from the log
 
 
 def test_a_half_written_save_is_ignored(tmp_path, reference):
     run_dir = tmp_path / "run"
-    train(config(run_dir, "train.steps=9"))
+    train(resumable_config(run_dir, "train.steps=9"))
     # what a kill in the middle of a save leaves behind
     partial = run_dir / "checkpoints" / ".tmp_step_00000012"
     partial.mkdir()
     (partial / "optimizer.bin").write_bytes(b"\x80\x04 torn")
     (run_dir / ".model.safetensors.tmp999").write_bytes(b"torn")
     train(run_dir=run_dir, resume=True, overrides=[f"train.steps={STEPS}"])
-    for key, value in weights(reference).items():
-        torch.testing.assert_close(weights(run_dir)[key], value, atol=0, rtol=0)
+    assert_same_weights(run_dir, reference)
     assert not partial.exists() and not (run_dir / ".model.safetensors.tmp999").exists()
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 2  # pruned to keep_checkpoints
 
 
 def test_a_tampered_checkpoint_is_refused_without_running_code(tmp_path):
     run_dir = tmp_path / "run"
-    train(config(run_dir, "train.steps=3"))
+    train(resumable_config(run_dir, "train.steps=3"))
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -132,14 +77,7 @@ def test_a_tampered_checkpoint_is_refused_without_running_code(tmp_path):
     ckpt = next((run_dir / "checkpoints").glob("step_*"))
     torch.save({"state": Exploit()}, ckpt / "optimizer.bin")
     before = snapshot(run_dir)
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--resume", str(run_dir), "train.steps=6"],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = script("train.py", "--resume", str(run_dir), "train.steps=6")
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "refused" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
@@ -149,7 +87,7 @@ def test_a_tampered_checkpoint_is_refused_without_running_code(tmp_path):
 @pytest.fixture
 def finished_run(tmp_path):
     run_dir = tmp_path / "run"
-    train(config(run_dir, "train.steps=3"))
+    train(resumable_config(run_dir, "train.steps=3"))
     return run_dir
 
 

@@ -5,33 +5,23 @@ plan was fixed equals the uninterrupted one, also when the planned budget ends i
 import json
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
-import torch
-from conftest import ROOT
-from test_reliability import config, env, weights
+import pytest
+from helpers import assert_same_weights, kill_when, logged_step, resumable_config, script
 
 from flows.api import train
 from flows.config import load_config
 from flows.training.schedule import Plan, Progress, lr_lambda
 
 
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=0, rtol=0, msg=key)
-
-
 def test_a_run_with_a_time_limit_that_the_step_count_ends_repeats_bit_for_bit(tmp_path):
     # cosine after 20 warm-up steps, a 12 s budget the 40 steps (~1 s) stay far from: the clock used to set
     # the lr of the first step after warm-up (a few % of the budget used by then)
     extra = ("train.schedule=cosine", "train.steps=40", "train.warmup_steps=20", "train.time_limit=0.2")
-    train(config(tmp_path / "a", *extra))
-    train(config(tmp_path / "b", *extra))
-    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    train(resumable_config(tmp_path / "a", *extra))
+    train(resumable_config(tmp_path / "b", *extra))
+    assert_same_weights(tmp_path / "b", tmp_path / "a")
 
 
 def test_the_schedule_reads_the_planned_work_not_the_clock():
@@ -59,14 +49,15 @@ def test_the_plan_fits_the_budget_with_its_evaluations():
 
 
 def _resume(run_dir, *extra):
-    return [sys.executable, "train.py", "--resume", str(run_dir), *extra]
+    return ["train.py", "--resume", str(run_dir), *extra]
 
 
+@pytest.mark.slow  # kill -9 and resume in subprocesses
 def test_kill_9_and_resume_equal_the_uninterrupted_run_when_the_planned_budget_ends_it(tmp_path):
     # a run whose plan is fixed at step 30 of a 3.6 s budget, with a checkpoint every 10 steps
     first = tmp_path / "first"
     extra = ("train.schedule=cosine", "train.steps=100000", "train.time_limit=0.06", "train.keep_checkpoints=1000")
-    train(config(first, *extra, "train.save_every=10"))
+    train(resumable_config(first, *extra, "train.save_every=10"))
     ckpt = first / "checkpoints" / "step_00000040"
     saved = json.loads((ckpt / "progress.json").read_text())
     horizon, per_step = saved["horizon"], saved["work"] / 40  # work: function evaluations
@@ -82,24 +73,11 @@ def test_kill_9_and_resume_equal_the_uninterrupted_run_when_the_planned_budget_e
         log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= 40))
     train(run_dir=tmp_path / "a", resume=True, overrides=["train.time_limit=10"])
     kill_step = max(int(40 + (horizon - saved["work"]) / per_step / 2), 56)
-    proc = subprocess.Popen(
-        _resume(tmp_path / "b", "train.time_limit=10"),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    log, deadline = tmp_path / "b" / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if f'"step": {kill_step},' in log.read_text():
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resume = [sys.executable, *_resume(tmp_path / "b", "train.time_limit=10")]
+    code = kill_when(resume, logged_step(tmp_path / "b", kill_step))
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert (tmp_path / "b" / "checkpoints" / "step_00000050").exists()  # killed after it resumed and saved again
-    done = subprocess.run(
-        _resume(tmp_path / "b", "train.time_limit=10"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
-    )
+    done = script(*_resume(tmp_path / "b", "train.time_limit=10"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "planned work of the time budget is done" in done.stdout + done.stderr
-    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    assert_same_weights(tmp_path / "b", tmp_path / "a")

@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 SHARED = re.compile(r"\.\./shared|\bshared/(data|BENCHMARKS|MACHINE|DESIGN)|parent\s*/\s*\"shared")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import FAST, ROOT, table
 from safetensors.torch import load_file
 
 from flows.api import train
@@ -18,17 +18,6 @@ from flows.errors import DataError
 from flows.training import Trainer
 
 CONFIG = ROOT / "configs/tabular_mle.yaml"
-FAST = ["train.log_every=1", "eval.plot=false", "solver.atol=1e-3", "solver.rtol=1e-3"]
-
-
-def table(path, rows: int, cols: int = 3, seed: int = 0):
-    """Column 0 is the row's index (to trace where rows go); the others are correlated Gaussians."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, cols))
-    x[:, 1:] += x[:, :1]
-    x[:, 0] = np.arange(rows)
-    np.save(path, x.astype(np.float32))
-    return path
 
 
 def test_a_60_row_table_trains_and_evaluates_with_the_default_config(tmp_path, capsys):

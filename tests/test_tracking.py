@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from flows.api import train
 from flows.cli.train import main as train_main

@@ -1,13 +1,11 @@
 """Training end to end: subprocess CLI, resume, non-finite steps, and two processes = one."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from helpers import assert_resume_is_exact, conditional_overrides, launch, model_weights, run, tiny_overrides
 from safetensors.torch import load_file
 
 from flows.api import train
@@ -16,31 +14,11 @@ from flows.errors import TrainingAborted
 from flows.training import Trainer
 
 
-def model_weights(run_dir):
-    return {k: v for k, v in load_file(str(run_dir / "model.safetensors")).items() if k.startswith("model.")}
-
-
-def run(args, extra_env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_default_command_trains_samples_and_plots(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_overrides(run_dir, steps=4) if not o.startswith("eval.plot")]
-    proc = run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--num_cpu_threads_per_process",
-            "1",
-            "train.py",
-            *overrides,
-        ]
-    )
+    launch_one = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    proc = run([*launch_one, "--num_cpu_threads_per_process", "1", "train.py", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("model.safetensors", "config.yaml", "metrics.jsonl", "eval.json", "samples.png"):
         assert (run_dir / name).is_file(), name
@@ -62,22 +40,6 @@ def test_config_typo_exits_nonzero_and_names_the_key(tmp_path):
     assert proc.returncode == 2
     assert "unknown config key 'train.stpes'. Did you mean 'train.steps'" in proc.stderr
     assert not (tmp_path / "r").exists()
-
-
-def assert_resume_is_exact(tmp_path, *extra):
-    """6 steps in one go == 4 steps, then a resume to 6 (weights equal to the bit)."""
-    train(load_config(None, [*tiny_overrides(tmp_path / "full", steps=6), *extra]))
-    part = load_config(None, [*tiny_overrides(tmp_path / "part", steps=4), *extra])
-    train(part)
-    with pytest.raises(TrainingAborted, match="already holds a run"):
-        Trainer(part)
-    trainer = Trainer(load_config(tmp_path / "part" / "config.yaml", ["train.steps=6"]), resume=True)
-    assert trainer.progress.step == 4
-    trainer.run()
-    trainer.accelerator.end_training()
-    a, b = model_weights(tmp_path / "full"), model_weights(tmp_path / "part")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
 
 
 def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tmp_path):
@@ -115,19 +77,7 @@ end(trainer.accelerator)
 """
 
 
-def conditional_overrides(tmp_path, run_dir):
-    """A posterior-estimation run (maximum likelihood of p(theta | x)) on 64 simulated pairs."""
-    import numpy as np
-
-    sims = tmp_path / "sims.npz"
-    if not sims.exists():
-        rng = np.random.default_rng(0)
-        theta = rng.normal(size=(64, 2)).astype(np.float32)
-        np.savez(sims, theta=theta, x=(theta + 0.3 * rng.normal(size=(64, 2))).astype(np.float32))
-    keep = [o for o in tiny_overrides(run_dir, steps=3) if not o.startswith("data.")]
-    return [*keep, "data.name=tabular", f"data.path={sims}", "data.key=theta", "data.context_key=x"]
-
-
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["unconditional", "context", "augmented"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, case):
@@ -137,30 +87,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, cas
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         out.mkdir()
-        launch = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(n),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
-            "--num_cpu_threads_per_process",
-            "1",
-        ]
-        if n > 1:
-            launch.append("--multi_gpu")
         overrides = (
             conditional_overrides(tmp_path, out / "run") if case == "context" else tiny_overrides(out / "run", steps=3)
         )
         overrides += ["model.augment=1"] if case == "augmented" else []
-        proc = run([*launch, str(worker), str(out), *overrides], extra_env={"ACCELERATE_USE_CPU": "1"})
+        proc = run([*launch(n), str(worker), str(out), *overrides], extra_env={"ACCELERATE_USE_CPU": "1"})
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
         assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-2000:]
         # one file per rank: two processes really ran (the wrong flags silently start one)
@@ -177,9 +108,10 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, cas
             torch.testing.assert_close(rank0[key], single[key], atol=1e-6, rtol=1e-5)  # = one process
     if case != "unconditional":
         return
-    # the two-process run resumes with two processes (`launch` is still the two-process command)
+    # the two-process run resumes with two processes
     run_dir = tmp_path / "p2" / "run"
-    proc = run([*launch, "train.py", "--resume", str(run_dir), "train.steps=5"], extra_env={"ACCELERATE_USE_CPU": "1"})
+    resume = [*launch(2), "train.py", "--resume", str(run_dir), "train.steps=5"]
+    proc = run(resume, extra_env={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,6 +144,7 @@ def test_batch_must_split_over_accumulation(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # torch.compile on a CPU
 @pytest.mark.filterwarnings("ignore")  # inductor's warnings on a machine without CUDA
 def test_compiled_flow_matching_trains_and_its_checkpoint_loads_without_compile(tmp_path):
     from flows import load

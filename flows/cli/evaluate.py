@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from flows.api import load
         from flows.errors import FlowsError
-        from flows.evaluation import bound_report, gathered_log_prob, summarize, tolerance_check
+        from flows.evaluation import evaluate, tolerance_check
 
         for name in ("probes", "deq_samples", "batch_size", "augment_samples"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -119,13 +119,19 @@ def main(argv: list[str] | None = None) -> None:
         options["augment_samples"] = args.augment_samples or run_k  # K: the run's eval.augment_samples by default
         marginal = model.context is not None and context is None  # a label-conditional run without labels
         options |= dict(method=args.method, atol=args.atol, rtol=args.rtol)
-        # the same code path as model.log_prob(raw, generator=..., batch_size=...), split over processes
-        lp, var, info = gathered_log_prob(
-            acc, model, raw, args.batch_size, gen, progress=True, context=context, **options
+        # the same code path as model.log_prob(raw, generator=..., batch_size=...), split over processes; an
+        # augmented flow: what its likelihood is, and how tight (K against 4K on --gap-points points)
+        result, lp, info = evaluate(
+            acc,
+            model,
+            raw,
+            args.batch_size,
+            generator=gen,
+            context=context,
+            progress=True,
+            gap_points=args.gap_points,
+            **options,
         )
-        result = summarize(lp, var, info["probes"], model.dim, model.levels)
-        # an augmented flow: what its likelihood is, and how tight (K against 4K on --gap-points points)
-        result |= bound_report(acc, model, raw, args.batch_size, info, gen, context, args.gap_points, **options)
         result |= {
             "nfe_per_solve": info["nfe"],
             "seconds": info["seconds"],
@@ -254,6 +260,8 @@ def write(args: argparse.Namespace, run_dir: Path, result: dict, lp) -> None:
     """The JSON result (and with ``--per-point`` log p of every row, in input order)."""
     import numpy as np
 
+    from flows.files import atomic_write
+
     out = Path(args.json) if args.json else run_dir / f"eval_{'data' if args.data else args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.per_point is not None:
@@ -263,7 +271,7 @@ def write(args: argparse.Namespace, run_dir: Path, result: dict, lp) -> None:
         print("lowest log p (row: nats): " + ", ".join(f"{i}: {lp[i].item():.3f}" for i in lowest))
         print(f"wrote {rows} (log p of each of the {len(lp):,} rows, input order)")
         result["per_point"] = str(rows)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

@@ -38,7 +38,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data", help="with --encode: .npy/.npz of raw points")
     p.add_argument(
-        "--chunk",
+        "--batch-size",
+        "--chunk",  # its former name
+        dest="chunk",
         type=int,
         help="points per solve (bounds memory); default: what fits in free memory (at most 10,000 on a CPU)",
     )
@@ -103,13 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         from flows.errors import FlowsError
 
         if args.n <= 0 or (args.chunk is not None and args.chunk <= 0):
-            raise FlowsError(f"-n and --chunk must be positive (got {args.n}, {args.chunk})")
+            raise FlowsError(f"-n and --batch-size must be positive (got {args.n}, {args.chunk})")
         acc = Accelerator()
         model = load(args.checkpoint, args.weights, acc.device)
         solve = dict(method=args.method, atol=args.atol, rtol=args.rtol, steps=args.steps, compile=args.compile or None)
-        model.solve_options(**solve)  # bad values: an error before any work
+        model._solve_options(**solve)  # bad values: an error before any work
         args.given = context_of(args, model)  # bad labels or contexts: an error before any work
-        model.guided_field(args.guidance)
+        model._check_guidance(args.guidance)
         out = Path(args.out) if args.out else model.path.parent / ("codes" if args.encode else "samples")
         x, start, info = (encode_share if args.encode else sample_share)(args, model, acc, solve)
         straightness_sum = info["straightness"] * len(x)  # this process's mean, weighted to combine them
@@ -176,7 +178,7 @@ def encode_share(args: argparse.Namespace, model, acc, solve: dict):
     if context is not None and len(context) > 1:
         context = context[: args.n][rows]
     x, info = model.encode(
-        mine, context=context, chunk=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
+        mine, context=context, batch_size=args.chunk, return_info=True, progress=acc.is_local_main_process, **solve
     )
     return x, mine, info
 
@@ -192,7 +194,7 @@ def sample_share(args: argparse.Namespace, model, acc, solve: dict):
         context=args.given,
         guidance=args.guidance,
         generator=gen,
-        chunk=args.chunk,
+        batch_size=args.chunk,
         return_info=True,
         progress=acc.is_local_main_process,
         **solve,
@@ -239,7 +241,8 @@ def pictures(model, data, out: Path, args, summary: dict) -> list[Path]:
         gen = torch.Generator(device).manual_seed(args.seed + 7)
         z = torch.randn(args.trajectories, *model.state_shape, generator=gen, device=device)
         times = torch.linspace(0, 1, 60, device=device)
-        path, _ = solve_path(model.field, z, times, **model.solve_options(**solve))
+        one = getattr(model, "members", [model])[0]  # a mixture's paths: its first member's (each has its own field)
+        path, _ = solve_path(one.field, z, times, **one._solve_options(**solve))
         path = path[..., :2]  # an augmented flow's paths: their data coordinates
         path = model.preprocess.inverse(path).cpu()
         np.save(out / "trajectories.npy", path.numpy())

@@ -46,6 +46,7 @@ from flows.build import make_data
 from flows.config import Config, to_dict
 from flows.data import DATASETS, Data
 from flows.errors import TrainingAborted
+from flows.files import atomic_write
 from flows.flowfile import MODEL_FILE
 from flows.training.accelerator import new_accelerator
 from flows.training.schedule import EvalSchedule, Progress
@@ -173,9 +174,7 @@ class CrossValidation:
     def _save(self) -> None:
         if self.acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / (STATE + ".tmp")
-            tmp.write_text(json.dumps(self.state, indent=2))
-            tmp.replace(self.root / STATE)
+            atomic_write(self.root / STATE, json.dumps(self.state, indent=2))
         self.acc.wait_for_everyone()
         self.state = json.loads((self.root / STATE).read_text())  # every process: the main one's figures
 
@@ -200,7 +199,7 @@ class CrossValidation:
         result = Trainer(dataclasses.replace(cfg, run_dir=str(folder)), False, data, stop_at).run_and_end()
         result["budget_seconds"] = max(result["train_time"], time.perf_counter() - t0)
         if self.acc.is_main_process:
-            (folder / DONE).write_text(json.dumps(result, indent=2))
+            atomic_write(folder / DONE, json.dumps(result, indent=2))
         self.acc.wait_for_everyone()
         return result
 
@@ -326,7 +325,7 @@ class CrossValidation:
         if self.acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             if not (self.root / "config.yaml").exists():  # what --resume reads
-                (self.root / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+                atomic_write(self.root / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.acc.wait_for_everyone()
         self._timing()
         if self.state["selection"] != "cross-validation":
@@ -356,7 +355,7 @@ class CrossValidation:
         chosen = {k: s[k] for k in ("selection", "rows", "threshold", "horizon")}
         if self.acc.is_main_process:
             written = json.loads((self.root / "eval.json").read_text())
-            (self.root / "eval.json").write_text(json.dumps(written | chosen, indent=2))
+            atomic_write(self.root / "eval.json", json.dumps(written | chosen, indent=2))
         self.acc.wait_for_everyone()
         return result | chosen
 

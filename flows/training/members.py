@@ -30,7 +30,8 @@ from flows import checkpoint
 from flows.build import make_data
 from flows.config import Config, load_config, to_dict
 from flows.errors import TrainingAborted
-from flows.evaluation import bound_report, describe, gathered_log_prob, summarize
+from flows.evaluation import describe, evaluate, gathered_log_prob
+from flows.files import atomic_write
 from flows.flowfile import MODEL_FILE, read, write
 from flows.mixture import Mixture
 from flows.report import final_pictures
@@ -98,7 +99,7 @@ def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:
         )
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     acc.wait_for_everyone()
     budget = 60 * tc.time_limit if tc.time_limit is not None else None
     used, first, trained = 0.0, None, []  # seconds of the budget used (each member's wall time), member 0's
@@ -127,7 +128,7 @@ def train_members(cfg: Config, resume: bool = False) -> dict[str, Any]:
             # training time (all of it, when it was resumed)
             seconds = max(result["train_time"], time.perf_counter() - t0)
             if acc.is_main_process:
-                (folder / MEMBER_FILE).write_text(json.dumps({**result, "budget_seconds": seconds}, indent=2))
+                atomic_write(folder / MEMBER_FILE, json.dumps({**result, "budget_seconds": seconds}, indent=2))
             acc.wait_for_everyone()
         used += seconds
         first = seconds if first is None else first
@@ -175,10 +176,9 @@ def mix(cfg: Config, trained: list[Path], used: float, extra: dict[str, Any] | N
         )
     acc.wait_for_everyone()
     model = Mixture([members[i] for i in chosen], path=root / MODEL_FILE) if len(chosen) > 1 else members[chosen[0]]
-    lp, var, info = gathered_log_prob(acc, model, data.test, cfg.eval.batch_size, context=data.test_context, **opts)
-    result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
-    args = (acc, model, data.test, cfg.eval.batch_size, info, None, data.test_context, cfg.eval.periodic_size)
-    result |= bound_report(*args, **opts)
+    result, _, info = evaluate(
+        acc, model, data.test, cfg.eval.batch_size, context=data.test_context, gap_points=cfg.eval.periodic_size, **opts
+    )
     result |= {"nfe": info["nfe"], "trace": info["trace"], "seconds": info["seconds"], "train_time": used}
     result |= {"members": len(members), "chosen": chosen, **(extra or {})}
     if val_lp is not None:
@@ -186,7 +186,7 @@ def mix(cfg: Config, trained: list[Path], used: float, extra: dict[str, Any] | N
         result |= {"val_nll": float(-mixed.mean()), "member_val_nll": [float(-v) for v in val_lp.mean(1)]}
     acc.print(f"mixture of members {chosen} (of {len(members)}): held-out {describe(result)}")
     if acc.is_main_process:
-        (root / "eval.json").write_text(json.dumps({"step": model.step, **result}, indent=2))
+        atomic_write(root / "eval.json", json.dumps({"step": model.step, **result}, indent=2))
         with (root / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps({"step": model.step, "eval": "final", "split": "held-out", **result}) + "\n")
         if cfg.eval.plot:

@@ -24,12 +24,12 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flows import evaluation
 from flows.build import init_from, make_context, make_data, make_field, make_flow, make_objective
 from flows.config import Config
 from flows.data import Data
 from flows.data.batches import Batches
 from flows.errors import TrainingAborted
-from flows.evaluation import bound_report, describe, gathered_log_prob, summarize
 from flows.objectives import objective_kind
 from flows.report import final_pictures
 from flows.tracking import hyperparameters, log_images, tracker_names
@@ -164,7 +164,7 @@ class Trainer:
     def evaluate(self, which: str, **extra: Any) -> dict[str, Any]:
         """Held-out NLL of the EMA weights (data units), split over processes: ``Flow.log_prob``'s path. Hutchinson
         probes and dequantization noise are seeded (``train.seed``, the process), the same at every evaluation."""
-        cfg, data, flow = self.cfg, self.data, self.flow
+        cfg, flow = self.cfg, self.flow
         flow.step = self.progress.step
         points, context = self.eval_points[which]
         # the same probes and dequantization noise at every evaluation: the weights are compared on equal terms
@@ -173,12 +173,11 @@ class Trainer:
         # an augmented flow's periodic evaluations compare weights on the ELBO (K = 1, a bound too), at a plain
         # flow's cost: K draws would cost the training budget K times the evaluation time
         k = cfg.eval.augment_samples if which == "final" else 1
-        opts = {"trace": cfg.eval.trace, "augment_samples": k}
-        lp, var, info = gathered_log_prob(acc, flow, points, cfg.eval.batch_size, generator, context=context, **opts)
-        result = summarize(lp, var, 1, data.dim, data.preprocess.levels)
         limit = cfg.eval.periodic_size if which == "final" else 0  # the final evaluation: how tight a bound is
-        args = (acc, flow, points, cfg.eval.batch_size, info, generator, context, limit)
-        result |= bound_report(*args, trace=cfg.eval.trace)
+        opts = {"trace": cfg.eval.trace, "augment_samples": k}
+        result, _, info = evaluation.evaluate(
+            acc, flow, points, cfg.eval.batch_size, generator=generator, context=context, gap_points=limit, **opts
+        )
         solver = info["solver"]
         result |= {
             "nfe": info["nfe"],
@@ -188,7 +187,7 @@ class Trainer:
         }
         split = "validation" if which == "periodic" and self.selection.active else "held-out"
         self.writer.log({"step": self.progress.step, "eval": which, "split": split, **extra, **result})
-        self.accelerator.print(f"step {self.progress.step}: {split} {describe(result)}")
+        self.accelerator.print(f"step {self.progress.step}: {split} {evaluation.describe(result)}")
         return result
 
     def _periodic(self, budgeted: bool = True) -> bool:

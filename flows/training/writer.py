@@ -16,6 +16,7 @@ from flows.build import export
 from flows.config import Config, to_dict
 from flows.context import Context
 from flows.errors import TrainingAborted
+from flows.files import atomic_write
 from flows.flowfile import MODEL_FILE
 from flows.preprocess import Preprocess
 from flows.tracking import scalars
@@ -51,7 +52,7 @@ class RunWriter:
     def write_config(self) -> None:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     # ------------------------------------------------------------------ during the run
     def log(self, record: dict[str, Any]) -> None:
@@ -94,4 +95,4 @@ class RunWriter:
     # ------------------------------------------------------------------ end
     def write_result(self, step: int, result: dict[str, Any]) -> None:
         if self.acc.is_main_process:
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=2))
+            atomic_write(self.run_dir / "eval.json", json.dumps({"step": step, **result}, indent=2))
