@@ -89,7 +89,7 @@ def train(
 
     device, main = run_device()  # the recipe's devices section for it applies (a notice on the main process)
     cfg = load_config(config, overrides, updates, device=device, notice=main)
-    if cfg.data.simulator:  # a simulator in the loop (flows.inference): simulate, then train on the pairs
+    if cfg.simulation.simulator:  # a simulator in the loop (flows.inference): simulate, then train on the pairs
         from flows.inference import prior_of, run_inference, simulator_of
 
         root = run_inference(cfg, simulator_of(cfg), prior_of(cfg), resume)

@@ -43,6 +43,7 @@ __all__ = [
     "SolverConfig",
     "TrainConfig",
     "EvalConfig",
+    "SimulationConfig",
     "load_config",
     "device_notice",
     "from_dict",
@@ -163,6 +164,102 @@ class EvalConfig:
 VARIANTS: dict[str, dict[str, Any]] = {"model": FIELDS, "objective": OBJECTIVES}
 
 
+# data.* keys of the simulation loop before it had its own section (older config.yaml files): where each lives now
+LEGACY_SIMULATION_KEYS = {
+    "simulator": "simulator",
+    "prior": "prior",
+    "prior_loc": "prior_loc",
+    "prior_scale": "prior_scale",
+    "simulations": "simulations",
+    "rounds": "rounds",
+    "x_obs": "x_obs",
+    "simulation_batch": "batch",
+    "calibration": "calibration",
+}
+
+
+@dataclass
+class SimulationConfig:
+    """A simulator in the loop (``flows.infer``; ``train.py simulation.simulator=...``) instead of ``data.path``."""
+
+    simulator: str | None = None  # "module:function", a batched callable theta (n, D) -> x (n, ...)
+    prior: str | None = None  # "uniform" (on data.bounds), "normal" (simulation.prior_loc/scale) or "module:object"
+    prior_loc: list[float] | None = None  # prior=normal: the mean of each parameter
+    prior_scale: list[float] | None = None  # prior=normal: the standard deviation of each (one value: all)
+    simulations: int = 10_000  # the simulations of all rounds together
+    rounds: int = 1  # > 1: rounds focused on simulation.x_obs
+    x_obs: str | None = None  # .npy/.npz of the observation the rounds focus on (the shape of one x)
+    batch: int = 1000  # parameters per simulator call: one task for a worker, its pairs written at once
+    workers: int = 1  # simulator calls in this many worker processes (1: in the training process)
+    scheduler: str | None = None  # a Dask scheduler's address (tcp://host:8786): the batches run on its cluster
+    timeout: float | None = None  # seconds a batch may take before the run stops with an error (None: no limit)
+    calibration: int = 500  # amortized runs: held-out pairs the calibration check uses at the end (0: none)
+
+    def check(self, data: DataConfig) -> None:
+        p = "simulation."
+        given = {"prior": self.prior, "x_obs": self.x_obs, "prior_loc": self.prior_loc}
+        if not self.simulator:
+            given |= {"rounds": self.rounds != 1, "workers": self.workers != 1, "scheduler": self.scheduler}
+            named = [k for k, v in given.items() if v]
+            if named:
+                raise ConfigError(f"invalid config value: {p}{named[0]} goes with {p}simulator=module:function.")
+            return
+        if ":" not in self.simulator:
+            raise ConfigError(f"invalid config value: {p}simulator must be 'module:function', got {self.simulator!r}.")
+        checks = [
+            (DATASETS[data.name].context == "vector", f"{p}simulator trains on a table: data.name=tabular"),
+            (not data.path, f"give {p}simulator or data.path (simulated pairs in a file), not both"),
+            (bool(self.prior), f"{p}simulator needs {p}prior=uniform|normal|module:object"),
+            (self.simulations > 0 and self.batch > 0, f"{p}simulations and {p}batch must be > 0"),
+            (self.workers >= 1, f"{p}workers must be >= 1"),
+            (not (self.scheduler and self.workers > 1), f"give {p}workers or {p}scheduler (a Dask cluster), not both"),
+            (self.timeout is None or self.timeout > 0, f"{p}timeout must be > 0 seconds (or null: no limit)"),
+            (self.calibration >= 0, f"{p}calibration must be >= 0"),
+            (self.rounds >= 1, f"{p}rounds must be >= 1"),
+            (self.rounds == 1 or bool(self.x_obs), f"{p}rounds={self.rounds} focuses on one observation: set {p}x_obs"),
+            (
+                self.simulations >= 2 * self.rounds,
+                f"{p}simulations={self.simulations} is too few for {self.rounds} rounds",
+            ),
+            (
+                not data.context_key and not data.context_columns and not data.key,
+                f"data.key / context_key / context_columns name arrays of a file: not with {p}simulator",
+            ),
+        ]
+        if self.prior == "uniform":
+            bounded = bool(data.bounds) and all(b is not None for b in data.bounds or [])
+            checks.append((bounded, f"{p}prior=uniform needs data.bounds=[[lo, hi], ...], finite for every parameter"))
+        elif self.prior == "normal":
+            ok = bool(self.prior_loc) and (not self.prior_scale or len(self.prior_scale) in (1, len(self.prior_loc)))
+            checks.append(
+                (
+                    ok,
+                    f"{p}prior=normal needs {p}prior_loc=[...] (one mean per parameter) and {p}prior_scale=[...] (one "
+                    "per parameter, or one for all; default 1)",
+                )
+            )
+        elif ":" not in str(self.prior):
+            checks.append((False, f"{p}prior must be uniform, normal or 'module:object', got {self.prior!r}"))
+        _raise_first(checks)
+
+
+def _legacy_simulation(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``data`` section holds the simulation loop's keys (written before ``simulation:``
+    existed) with them moved to ``simulation``; a key given in both places is refused."""
+    old = data.get("data")
+    if not isinstance(old, dict) or not any(k in old for k in LEGACY_SIMULATION_KEYS):
+        return data
+    out, section = dict(data), dict(old)
+    sim = dict(out.get("simulation") or {})
+    for key, new in LEGACY_SIMULATION_KEYS.items():
+        if key in section:
+            if new in sim:
+                raise ConfigError(f"config key 'data.{key}' is now 'simulation.{new}': give it once, there.")
+            sim[new] = section.pop(key)
+    out["data"], out["simulation"] = section, sim
+    return out
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/toy2d_mle"
@@ -172,12 +269,14 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # device type -> {dotted key: value} for runs on it; a run applies its own and keeps this empty
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> Config:
         """Each section checks itself; then what spans sections, by the kinds' capabilities."""
-        self.data.check()
+        self.data.check(simulated=bool(self.simulation.simulator))
+        self.simulation.check(self.data)
         self.model.check()
         self.solver.check()
         self.train.check()
@@ -533,7 +632,7 @@ def load_config(
         _set(data, keys, value, f"override '{text}'")
     note = section.pop("notice", None)
     try:
-        cfg = from_dict(Config, _merge(data, updates), lenient=lenient).validate()
+        cfg = from_dict(Config, _legacy_simulation(_merge(data, updates)), lenient=lenient).validate()
     except ConfigError as e:
         if any(key in str(e) for key in section):
             raise ConfigError(

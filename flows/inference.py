@@ -2,8 +2,10 @@
 
 One run directory holds everything::
 
-    RUN/config.yaml              the loop's config (data.simulator, data.prior, data.simulations, data.rounds, ...)
-    RUN/simulations/round_R/     every batch of simulations as it is made (flows.simulation)
+    RUN/config.yaml              the loop's config (its simulation: section: simulator, prior, simulations, rounds, ...)
+    RUN/simulations/round_R/     every batch of simulations as it is made (flows.simulation), in worker processes
+                                 or on a Dask cluster (simulation.workers / .scheduler; flows.infer: executor=)
+    RUN/simulations/progress.log the simulations' progress: done / total, rate, ETA, dropped
     RUN/simulations/round_R/proposal.json   rounds > 0: the truncated prior they were drawn from
     RUN/round_R/                 the posterior trained on the pairs of rounds 0..R (a flows.train run)
     RUN/simulations.npz          every kept pair (theta, x, round): reusable with configs/posterior.yaml
@@ -17,7 +19,9 @@ posterior on all pairs so far with the plain loss. That proposal is the prior ti
 posterior it implies equals the true one inside the region, where the true posterior at x_o has its mass: no
 correction term (as APT / SNPE-C needs for other proposals) and no leakage outside the prior (guide: Posterior
 estimation from a simulator). A killed run resumes: batches on disk are read, not simulated again, and a round's
-training resumes from its checkpoint. Simulation and truncation happen on the main process.
+training resumes from its checkpoint. The main process draws the parameters and hands batches to the simulator
+(in itself, its worker processes or a cluster); other training processes wait for it without a collective (a
+barrier would time out behind a slow simulator) and then train with it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +55,7 @@ from flows.simulation import SimulationStore, resolve
 
 __all__ = ["infer", "run_inference", "POSTERIOR", "prior_of", "simulator_of"]
 
-LOOP_KEYS = (
-    "simulator",
-    "prior",
-    "prior_loc",
-    "prior_scale",
-    "simulations",
-    "rounds",
-    "x_obs",
-    "simulation_batch",
-    "calibration",
-)
+DONE = "done.json"  # RUN/simulations/round_R/done.json: the main process has simulated round R (what other ranks await)
 
 
 def _spec(obj: Any) -> str:
@@ -78,6 +73,8 @@ def infer(
     *,
     x_obs: Any = None,
     rounds: int = 1,
+    workers: int | None = None,
+    executor: Executor | None = None,
     config: str | os.PathLike | Config | None = None,
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -94,11 +91,17 @@ def infer(
         simulations: simulations of all rounds together.
         x_obs: the observation (the shape of one x); needed with ``rounds`` > 1.
         rounds: 1 (amortized: any x) or more (focused on ``x_obs``): equal shares of the simulations.
+        workers: run the simulator in this many worker processes (``simulation.workers``; default 1: in this
+            process). The simulator must then be importable or picklable (a function of a module, not a lambda).
+        executor: any ``concurrent.futures.Executor`` to run the simulator's batches on: a Dask cluster
+            (``distributed.Client(address).get_executor()``), Ray's, mpi4py's ``MPIPoolExecutor``; not shut down
+            here. The pairs are the same bit for bit whatever runs them (per-batch seeds).
         config: a recipe (default: ``configs/posterior.yaml``'s, built in); ``train.time_limit`` is the training
             time of all rounds together.
         run_dir: the run directory (default: the config's); an existing one needs ``resume=True``.
         resume: continue a killed run: nothing simulated twice, training resumed from its checkpoints.
-        overrides, **sections: as for :func:`flows.train` (``data={"context_shape": [4, 2]}``, ``train=...``).
+        overrides, **sections: as for :func:`flows.train` (``data={"context_shape": [4, 2]}``, ``train=...``,
+            ``simulation={"batch": 100, "timeout": 60}``).
 
     Returns:
         The posterior, a :class:`flows.Flow` as ``flows.load(run_dir)`` gives: ``sample(n, context=x)``, exact
@@ -108,13 +111,13 @@ def infer(
     if rounds > 1 and x_obs is None:
         raise ConfigError(f"rounds={rounds} focuses on one observation: pass x_obs= (one x of the simulator's shape)")
     base = config if config is not None else POSTERIOR
-    data = {**dict(sections.pop("data", {}) or {}), "simulator": _spec(simulator), "prior": _spec(prior)}
-    data |= {"simulations": simulations, "rounds": rounds}
-    updates: dict[str, Any] = {**sections, "data": data}
+    sim = {**dict(sections.pop("simulation", {}) or {}), "simulator": _spec(simulator), "prior": _spec(prior)}
+    sim |= {"simulations": simulations, "rounds": rounds} | ({"workers": workers} if workers is not None else {})
+    updates: dict[str, Any] = {**sections, "simulation": sim}
     if run_dir is not None:
         updates["run_dir"] = os.fspath(run_dir)
     if x_obs is not None:
-        updates["data"]["x_obs"] = "<x_obs>"  # written into the run directory below
+        updates["simulation"]["x_obs"] = "<x_obs>"  # written into the run directory below
     cfg = load_config(base, overrides, updates)
     root = Path(cfg.run_dir)
     if resume and (root / "config.yaml").is_file():
@@ -122,13 +125,13 @@ def infer(
     if x_obs is not None:
         from accelerate import PartialState
 
-        cfg.data.x_obs = os.fspath(root / "x_obs.npy")
+        cfg.simulation.x_obs = os.fspath(root / "x_obs.npy")
         state = PartialState()
         if state.is_main_process:
             _start(root, resume)
             _write(root / "x_obs.npy", torch.as_tensor(x_obs, device="cpu").detach().float().numpy())
         state.wait_for_everyone()
-    return load(run_inference(cfg, simulator, prior, resume))
+    return load(run_inference(cfg, simulator, prior, resume, executor))
 
 
 def _write(path: Path, content: str | np.ndarray) -> None:
@@ -144,7 +147,7 @@ def _saved(root: Path, cfg: Config) -> Config:
     """A resumed run keeps its own config (the caller's objects are the same ones again)."""
     saved = load_config(root / "config.yaml", lenient=True)
     for key in ("simulator", "prior"):
-        setattr(saved.data, key, getattr(cfg.data, key))
+        setattr(saved.simulation, key, getattr(cfg.simulation, key))
     return saved
 
 
@@ -157,17 +160,18 @@ def _start(root: Path, resume: bool) -> None:
 
 
 def prior_of(cfg: Config) -> Any:
-    """The prior that ``data.prior`` names: uniform on ``data.bounds``, a diagonal normal, or ``module:object``
-    (a Distribution, or a function of no arguments that returns one)."""
-    d = cfg.data
+    """The prior that ``simulation.prior`` names: uniform on ``data.bounds``, a diagonal normal, or
+    ``module:object`` (a Distribution, or a function of no arguments that returns one)."""
+    d = cfg.simulation
     if d.prior == "uniform":
-        low, high = (torch.tensor([b[i] for b in d.bounds], dtype=torch.float32, device="cpu") for i in (0, 1))
+        bounds = cfg.data.bounds or []
+        low, high = (torch.tensor([b[i] for b in bounds], dtype=torch.float32, device="cpu") for i in (0, 1))
         return Independent(Uniform(low, high), 1)
     if d.prior == "normal":
         loc = torch.tensor(d.prior_loc, dtype=torch.float32, device="cpu")
         scale = torch.tensor(d.prior_scale or [1.0], dtype=torch.float32, device="cpu").expand(len(loc))
         return Independent(Normal(loc, scale), 1)
-    prior = resolve(str(d.prior), "data.prior")
+    prior = resolve(str(d.prior), "simulation.prior")
     if callable(prior) and not hasattr(prior, "sample"):
         prior = prior()
     check_prior(prior)
@@ -175,15 +179,15 @@ def prior_of(cfg: Config) -> Any:
 
 
 def simulator_of(cfg: Config) -> Callable[[torch.Tensor], Any]:
-    simulator = resolve(str(cfg.data.simulator), "data.simulator")
+    simulator = resolve(str(cfg.simulation.simulator), "simulation.simulator")
     if not callable(simulator):
-        raise ConfigError(f"data.simulator='{cfg.data.simulator}' is not callable")
+        raise ConfigError(f"simulation.simulator='{cfg.simulation.simulator}' is not callable")
     return simulator
 
 
 def _x_obs(cfg: Config) -> torch.Tensor | None:
-    """``data.x_obs`` as a tensor (a .npy, or the first array of a .npz; checked against x after round 0)."""
-    return load_array(cfg.data.x_obs, ndim=None) if cfg.data.x_obs else None
+    """``simulation.x_obs`` as a tensor (a .npy, or the first array of a .npz; checked against x after round 0)."""
+    return load_array(cfg.simulation.x_obs, ndim=None) if cfg.simulation.x_obs else None
 
 
 def _round_config(cfg: Config, r: int, root: Path, bounds: list | None, minutes: float | None) -> Config:
@@ -193,10 +197,11 @@ def _round_config(cfg: Config, r: int, root: Path, bounds: list | None, minutes:
         key="theta",
         context_key="x",
         bounds=bounds,
-        **{k: getattr(type(cfg.data)(), k) for k in LOOP_KEYS},
     )
     train = dataclasses.replace(cfg.train, time_limit=minutes)
-    return dataclasses.replace(cfg, data=data, train=train, run_dir=os.fspath(root / f"round_{r}")).validate()
+    simulation = type(cfg.simulation)()  # a round trains on the pairs in a file: no simulator in it
+    round_dir = os.fspath(root / f"round_{r}")
+    return dataclasses.replace(cfg, data=data, train=train, simulation=simulation, run_dir=round_dir).validate()
 
 
 def _shares(total: int, rounds: int) -> list[int]:
@@ -217,22 +222,57 @@ def _check_x(x_obs: torch.Tensor | None, x_shape: tuple[int, ...]) -> torch.Tens
     )
 
 
-def run_inference(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool = False) -> Path:
-    """The loop of :func:`infer` for a validated config with ``data.simulator``; returns the run directory (locked
-    meanwhile: one writer at a time)."""
+def run_inference(
+    cfg: Config,
+    simulator: Callable[[torch.Tensor], Any],
+    prior: Any,
+    resume: bool = False,
+    executor: Executor | None = None,
+) -> Path:
+    """The loop of :func:`infer` for a validated config with ``simulation.simulator``; returns the run directory
+    (locked meanwhile: one writer at a time). ``executor``: where the simulator's batches run (default: as
+    ``simulation.workers`` and ``simulation.scheduler`` say)."""
     from flows.training.lock import run_lock
 
     with run_lock(cfg.run_dir):
-        return _loop(cfg, simulator, prior, resume)
+        return _loop(cfg, simulator, prior, resume, executor)
 
 
-def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool) -> Path:
+def _cluster(address: str) -> Executor:
+    """A Dask cluster's ``concurrent.futures`` executor, from its scheduler's address."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError(
+            f"simulation.scheduler={address!r} runs the simulations on a Dask cluster: install the extra, "
+            'pip install -e ".[dask]"'
+        ) from None
+    return Client(address).get_executor()
+
+
+def _await(marker: Path, poll: float = 1.0) -> None:
+    """Wait for the main process to write ``marker`` (no collective: a barrier would time out behind a slow
+    simulator; if the main process fails, the launcher ends this one)."""
+    while not marker.exists():
+        time.sleep(poll)
+
+
+def _loop(
+    cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, resume: bool, executor: Executor | None
+) -> Path:
     from accelerate import PartialState
 
     from flows.training.fit import fit
 
     state = PartialState()
-    root, d = Path(cfg.run_dir), cfg.data
+    root, d = Path(cfg.run_dir), cfg.simulation
+    if d.rounds > 1 and state.num_processes > 1:  # each round's training ends the process group the next one needs
+        raise ConfigError(
+            f"simulation.rounds={d.rounds} with {state.num_processes} training processes is not supported yet: run the "
+            "rounds in one process (simulation.workers=N puts the simulator on every core)"
+        )
+    if executor is None and d.scheduler and state.is_main_process:
+        executor = _cluster(d.scheduler)
     check_prior(prior)
     if state.is_main_process:
         _start(root, resume)
@@ -242,8 +282,8 @@ def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, res
     dim = draw(prior, 1, 0).shape[1]
     box = prior_box(prior, dim)
     bounds = (
-        d.bounds
-        if d.bounds is not None
+        cfg.data.bounds
+        if cfg.data.bounds is not None
         else ([[float(a), float(b)] for a, b in zip(*box, strict=True)] if box else None)
     )
     x_obs = _x_obs(cfg)
@@ -255,17 +295,32 @@ def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, res
     for r, n in enumerate(shares):
         start = time.perf_counter()
         info: dict[str, Any] = {"round": r, "proposal": "prior" if r == 0 else "truncated prior"}
+        done = store.folder / f"round_{r}" / DONE
         if state.is_main_process:
             propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info, bounds)
-            info |= store.run(r, n, propose, simulator, d.simulation_batch, cfg.train.seed)
+            info |= store.run(
+                r,
+                n,
+                propose,
+                simulator,
+                d.batch,
+                cfg.train.seed,
+                workers=d.workers,
+                executor=executor,
+                timeout=d.timeout,
+                log=store.folder / "progress.log",
+            )
             pairs, x_shape = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
             x_obs = _check_x(x_obs, x_shape)
             info["pairs"] = pairs
+            atomic_write(done, json.dumps(info))
             print(
                 f"round {r}: {info['simulated']:,} simulations from the {info['proposal']} ({info['dropped']:,} "
                 f"dropped: NaN or Inf), {pairs:,} pairs to train on",
                 file=sys.stderr,
             )
+        else:
+            _await(done)
         state.wait_for_everyone()
         info["simulation_seconds"] = time.perf_counter() - start
         minutes = None if total is None else float(total * weights[r])
@@ -292,7 +347,8 @@ def _loop(cfg: Config, simulator: Callable[[torch.Tensor], Any], prior: Any, res
         if d.rounds == 1 and d.calibration > 0:
             report["calibration"] = check_calibration(root, d.calibration, cfg.train.seed)
         atomic_write(root / "inference.json", json.dumps(report, indent=2))
-    state.wait_for_everyone()
+    else:  # training ended the process group (flows.training.accelerator.end): wait on the file, not a collective
+        _await(root / "inference.json")
     return root
 
 

@@ -57,3 +57,11 @@ def raises(theta: torch.Tensor) -> torch.Tensor:
 
 
 prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+
+
+def slow(theta: torch.Tensor) -> torch.Tensor:
+    """:func:`linear` that takes 1.5 s per call: longer, over a few batches, than a short collective timeout."""
+    import time
+
+    time.sleep(1.5)
+    return linear(theta)

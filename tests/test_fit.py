@@ -90,3 +90,12 @@ def test_bad_arrays_are_refused_with_the_reason():
         flows.fit(table(50), data={"path": "x.npy"})
     with pytest.raises(ConfigError, match="run_dir="):
         flows.fit(table(50), resume=True)
+
+
+def test_a_time_budgeted_runs_bar_counts_the_planned_steps(capsys):
+    import re
+
+    flows.fit(table(300), train={"time_limit": 0.05, "members": 1, "steps": 1_000_000}, model={"hidden": [16, 16]})
+    totals = {int(t) for t in re.findall(r"\d+/(\d+) \[", capsys.readouterr().err)}
+    planned = totals - {1_000_000}
+    assert planned and max(planned) < 1_000_000, totals  # the plan's steps, not the train.steps cap

@@ -14,7 +14,7 @@ import pytest
 import sbi_models
 import torch
 import yaml
-from helpers import FLOAT32, ROOT, TESTS, run, script
+from helpers import FLOAT32, ROOT, TESTS, launch, run, script
 
 import flows
 from flows.calibration import calibrate
@@ -70,7 +70,7 @@ def test_amortized_inference_recovers_the_closed_form_posterior(amortized):
     # an amortized run checks its calibration on its held-out pairs at the end
     assert report["calibration"]["pairs"] == 200 and (root / "calibration.png").exists()
     assert report["calibration"] == json.loads((root / "calibration.json").read_text())
-    saved = yaml.safe_load((root / "config.yaml").read_text())["data"]
+    saved = yaml.safe_load((root / "config.yaml").read_text())["simulation"]
     assert saved["simulator"] == "sbi_models:linear" and saved["simulations"] == 2000
     # the pairs are a configs/posterior.yaml file
     assert flows.load(root).config.data.context_key == "x"
@@ -99,7 +99,7 @@ def test_rounds_focus_on_the_observation_and_stay_correct(tmp_path):
 
 def test_nan_simulations_are_dropped_and_counted(tmp_path):
     root = tmp_path / "nan"
-    flows.infer(sbi_models.with_nans, sbi_models.prior, 600, run_dir=root, data={"simulation_batch": 200}, **quick())
+    flows.infer(sbi_models.with_nans, sbi_models.prior, 600, run_dir=root, simulation={"batch": 200}, **quick())
     report = json.loads((root / "inference.json").read_text())["rounds"][0]
     assert report == report | {"simulated": 600, "dropped": 63, "kept": 537}  # 20 NaN + 1 Inf per batch of 200
     assert np.isfinite(np.load(root / "simulations.npz")["x"]).all()
@@ -109,7 +109,7 @@ def infer_script(root, kill_at: int, calls) -> subprocess.CompletedProcess:
     code = (
         "import torch, flows, sbi_models\n"
         f"flows.infer(sbi_models.counted, sbi_models.prior, 1000, x_obs=torch.tensor([1.0, 0.5]), rounds=2, "
-        f"run_dir={str(root)!r}, resume=True, data={{'simulation_batch': 250}}, train={QUICK!r})\n"
+        f"run_dir={str(root)!r}, resume=True, simulation={{'batch': 250}}, train={QUICK!r})\n"
     )
     extra = {
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
@@ -135,14 +135,37 @@ def test_a_run_killed_in_round_two_resumes_without_simulating_twice(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_wait_for_a_slow_simulator_without_a_collective(tmp_path):
+    """The main process simulates for ~7.5 s while the other waits, under a 4 s collective timeout: it waits without a
+    collective and trains with it afterwards (with the former barrier, the waiting process timed out)."""
+    args = [
+        "train.py",
+        "--config",
+        "configs/posterior.yaml",
+        "simulation.simulator=sbi_models:slow",
+        "simulation.prior=normal",
+        "simulation.prior_loc=[0,0]",
+        "simulation.simulations=1500",  # >= 1,000 training pairs: one validation split (no cross-validation)
+        "simulation.batch=300",  # 5 batches of 1.5 s
+        "simulation.calibration=0",
+        f"run_dir={tmp_path / 'two'}",
+    ] + [f"train.{k}={'null' if v is None else v}" for k, v in (QUICK | {"steps": 20}).items()]
+    extra = {"ACCELERATE_USE_CPU": "1", "FLOWS_PROCESS_TIMEOUT": "4", "PYTHONPATH": str(TESTS)}
+    done = run(launch(2) + args, extra, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "model.safetensors").exists()
+
+
 def test_the_command_line_runs_a_simulator_from_a_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     overrides = [
-        "data.simulator=sbi_models:linear",
-        "data.prior=normal",
-        "data.prior_loc=[0,0]",
-        "data.prior_scale=[1]",
-        "data.simulations=500",
+        "simulation.simulator=sbi_models:linear",
+        "simulation.prior=normal",
+        "simulation.prior_loc=[0,0]",
+        "simulation.prior_scale=[1]",
+        "simulation.simulations=500",
         f"run_dir={tmp_path / 'cli'}",
     ] + [f"train.{k}={'null' if v is None else v}" for k, v in QUICK.items()]
     run = flows.train(ROOT / "configs" / "posterior.yaml", overrides=overrides)
@@ -155,7 +178,9 @@ def test_the_command_line_runs_a_simulator_from_a_module(tmp_path, monkeypatch):
 
 def test_a_round_killed_before_its_first_checkpoint_starts_again(tmp_path):
     root = tmp_path / "early"
-    flows.infer(sbi_models.linear, sbi_models.prior, 300, run_dir=root, data={"calibration": 0}, **quick(steps=20))
+    flows.infer(
+        sbi_models.linear, sbi_models.prior, 300, run_dir=root, simulation={"calibration": 0}, **quick(steps=20)
+    )
     first = json.loads((root / "round_0" / "eval.json").read_text())
     for name in ("eval.json", "model.safetensors", "checkpoints", "metrics.jsonl"):  # only its config.yaml left
         target = root / "round_0" / name
@@ -195,17 +220,46 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         flows.infer(
             sbi_models.linear, sbi_models.prior, 200, x_obs=torch.zeros(3), rounds=2, run_dir=tmp_path / "c", **quick()
         )
-    base = ["data.name=tabular", "data.simulator=sbi_models:linear"]
+    base = ["data.name=tabular", "simulation.simulator=sbi_models:linear"]
     for extra, message in [
-        (["data.prior=normal", "data.prior_loc=[0,0]", "data.rounds=2"], "x_obs"),
-        (["data.prior=uniform"], "bounds"),
-        (["data.prior=gauss"], "uniform, normal or 'module:object'"),
-        (["data.prior=normal", "data.prior_loc=[0,0]", "data.path=x.npz"], "not both"),
+        (["simulation.prior=normal", "simulation.prior_loc=[0,0]", "simulation.rounds=2"], "x_obs"),
+        (["simulation.prior=uniform"], "bounds"),
+        (["simulation.prior=gauss"], "uniform, normal or 'module:object'"),
+        (["simulation.prior=normal", "simulation.prior_loc=[0,0]", "data.path=x.npz"], "not both"),
     ]:
         with pytest.raises(ConfigError, match=message):
             flows.load_config(None, base + extra)
-    with pytest.raises(ConfigError, match="goes with data.simulator"):
-        flows.load_config(None, ["data.name=tabular", "data.path=x.npy", "data.rounds=3"])
+    with pytest.raises(ConfigError, match="goes with simulation.simulator"):
+        flows.load_config(None, ["data.name=tabular", "data.path=x.npy", "simulation.rounds=3"])
+
+
+def test_the_simulation_section_and_older_files_that_kept_its_keys_in_data(tmp_path):
+    sim = ["data.name=tabular", "simulation.simulator=sbi_models:linear", "simulation.prior=normal"]
+    cfg = flows.load_config(None, [*sim, "simulation.prior_loc=[0,0]", "simulation.workers=2", "simulation.timeout=30"])
+    assert (cfg.simulation.workers, cfg.simulation.timeout, cfg.simulation.batch) == (2, 30.0, 1000)
+    old = {  # a config.yaml written before the section existed
+        "data": {"name": "tabular", "simulator": "sbi_models:linear", "prior": "normal", "prior_loc": [0, 0]}
+        | {"simulations": 300, "simulation_batch": 100, "calibration": 0, "rounds": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = flows.load_config(tmp_path / "config.yaml", lenient=True)
+    assert (cfg.simulation.simulator, cfg.simulation.simulations, cfg.simulation.batch) == (
+        "sbi_models:linear",
+        300,
+        100,
+    )
+    assert cfg.simulation.calibration == 0 and cfg.data.name == "tabular"
+    with pytest.raises(ConfigError, match="now 'simulation.batch'"):
+        flows.load_config(tmp_path / "config.yaml", ["simulation.batch=5"])
+    for bad, message in [
+        ("simulation.workers=0", "workers must be >= 1"),
+        ("simulation.timeout=0", "timeout must be > 0"),
+        ("simulation.scheduler=tcp://h:8786", "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            flows.load_config(None, [*sim, "simulation.prior_loc=[0,0]", "simulation.workers=2", bad])
+    with pytest.raises(ConfigError, match="simulation.workers goes with simulation.simulator"):
+        flows.load_config(None, ["simulation.workers=2"])
 
 
 def test_a_simulator_that_raises_stops_and_keeps_what_was_simulated(tmp_path):

@@ -50,20 +50,12 @@ class DataConfig:
     # tabular with a context: [M, d] when each context is M exchangeable i.i.d. trials of d numbers (a
     # permutation-invariant embedding; the .npz array may be (N, M, d) or (N, M*d))
     context_shape: list[int] | None = None
-    # simulation-based inference (flows.inference): a simulator in the loop instead of data.path
-    simulator: str | None = None  # "module:function", a batched callable theta (n, D) -> x (n, ...)
-    prior: str | None = None  # "uniform" (on data.bounds), "normal" (data.prior_loc/scale) or "module:object"
-    prior_loc: list[float] | None = None  # prior=normal: the mean of each parameter
-    prior_scale: list[float] | None = None  # prior=normal: the standard deviation of each (one value: all)
-    simulations: int = 10_000  # with data.simulator: the simulations of all rounds together
-    rounds: int = 1  # > 1: rounds focused on data.x_obs (the prior truncated to the posterior's HPD region)
-    x_obs: str | None = None  # .npy/.npz of the observation the rounds focus on (the shape of one x)
-    simulation_batch: int = 1000  # parameters per simulator call (each call's pairs are written at once)
-    calibration: int = 500  # amortized runs: held-out pairs the calibration check uses at the end (0: none)
     seed: int = 0
     test_seed: int = 1
 
-    def check(self, prefix: str = "data.") -> None:
+    def check(self, prefix: str = "data.", simulated: bool = False) -> None:
+        """Each key's value, and what the kind reads; ``simulated``: the rows come from a simulator in the loop
+        (``simulation.simulator``), not from ``data.path``."""
         checks = [
             (0 < self.test_fraction < 1, "test_fraction must be in (0, 1)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
@@ -77,7 +69,7 @@ class DataConfig:
             unknown_value(f"{prefix}name", self.name, list(DATASETS))
         kind = DATASETS[self.name]
         needs = kind.needs_path
-        if needs and not self.path and not self.simulator:
+        if needs and not self.path and not simulated:
             raise ConfigError(f"{prefix}name={self.name} needs {prefix}path={needs}.")
         if self.labels and kind.context != "labels":
             raise ConfigError(
@@ -85,7 +77,7 @@ class DataConfig:
                 f"mnist, cifar10, idx; a table's context: {prefix}context_key or {prefix}context_columns)."
             )
         table_keys = {"key": self.key, "context_key": self.context_key, "context_columns": self.context_columns}
-        table_keys |= {"bounds": self.bounds, "context_shape": self.context_shape, "simulator": self.simulator}
+        table_keys |= {"bounds": self.bounds, "context_shape": self.context_shape}
         for key, value in table_keys.items():
             if value and kind.context != "vector":
                 raise ConfigError(f"invalid config value: {prefix}{key} is read by tables ({prefix}name=tabular) only.")
@@ -94,12 +86,11 @@ class DataConfig:
                 f"invalid config value: give {prefix}context_key (an array of the .npz) or {prefix}context_columns "
                 "(columns of the table), not both."
             )
-        if self.context_shape and not (self.context_key or self.simulator):
+        if self.context_shape and not (self.context_key or simulated):
             raise ConfigError(
                 f"invalid config value: {prefix}context_shape describes the context array ({prefix}context_key) or "
-                f"the simulator's x ({prefix}simulator)."
+                "the simulator's x (simulation.simulator)."
             )
-        self._check_simulation(prefix)
         if self.context_shape is not None and (len(self.context_shape) != 2 or min(self.context_shape) <= 0):
             raise ConfigError(
                 f"invalid config value: {prefix}context_shape must be [M, d] (M trials of d numbers), got "
@@ -110,53 +101,6 @@ class DataConfig:
                 raise ConfigError(
                     f"invalid config value: {prefix}bounds[{i}] must be [lo, hi] with lo < hi, got {pair}."
                 )
-
-    def _check_simulation(self, prefix: str) -> None:
-        p = prefix
-        sim_keys = {"prior": self.prior, "x_obs": self.x_obs, "prior_loc": self.prior_loc}
-        if not self.simulator:
-            given = [k for k, v in sim_keys.items() if v] + (["rounds"] if self.rounds != 1 else [])
-            if given:
-                raise ConfigError(f"invalid config value: {p}{given[0]} goes with {p}simulator=module:function.")
-            return
-        if ":" not in self.simulator:
-            raise ConfigError(f"invalid config value: {p}simulator must be 'module:function', got {self.simulator!r}.")
-        checks = [
-            (not self.path, f"give {p}simulator or {p}path (simulated pairs in a file), not both"),
-            (bool(self.prior), f"{p}simulator needs {p}prior=uniform|normal|module:object"),
-            (self.simulations > 0 and self.simulation_batch > 0, f"{p}simulations and simulation_batch must be > 0"),
-            (self.calibration >= 0, f"{p}calibration must be >= 0"),
-            (self.rounds >= 1, f"{p}rounds must be >= 1"),
-            (
-                self.rounds == 1 or bool(self.x_obs),
-                f"{p}rounds={self.rounds} focuses on one observation: set {p}x_obs=FILE.npy",
-            ),
-            (
-                self.simulations >= 2 * self.rounds,
-                f"{p}simulations={self.simulations} is too few for {self.rounds} rounds",
-            ),
-            (
-                not self.context_key and not self.context_columns and not self.key,
-                f"{p}key / context_key / context_columns name arrays of a file: not with {p}simulator",
-            ),
-        ]
-        if self.prior == "uniform":
-            bounded = bool(self.bounds) and all(b is not None for b in self.bounds or [])
-            checks.append((bounded, f"{p}prior=uniform needs {p}bounds=[[lo, hi], ...], finite for every parameter"))
-        elif self.prior == "normal":
-            ok = bool(self.prior_loc) and (not self.prior_scale or len(self.prior_scale) in (1, len(self.prior_loc)))
-            checks.append(
-                (
-                    ok,
-                    f"{p}prior=normal needs {p}prior_loc=[...] (one mean per parameter) and "
-                    f"{p}prior_scale=[...] (one per parameter, or one for all; default 1)",
-                )
-            )
-        elif ":" not in str(self.prior):
-            checks.append((False, f"{p}prior must be uniform, normal or 'module:object', got {self.prior!r}"))
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"invalid config value: {message}.")
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env
@@ -12,13 +15,19 @@ from flows.tracking import check_installed, tracker_names
 __all__ = ["new_accelerator", "end", "run_device"]
 
 
+# seconds a collective of several processes may wait before it fails (read once, when the processes first meet)
+PROCESS_TIMEOUT = "FLOWS_PROCESS_TIMEOUT"
+
+
 def run_device() -> tuple[str, bool]:
     """The device type this process's run will use (cuda, cpu, mps, ...) and whether it is the main process.
 
     Accelerate's process state, which the Accelerator adopts: the GPU of this rank under ``accelerate launch``,
     the CPU with ``CUDA_VISIBLE_DEVICES=""`` or ``accelerate launch --cpu`` (ACCELERATE_USE_CPU, read as the
     Accelerator reads it)."""
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    seconds = os.environ.get(PROCESS_TIMEOUT)
+    group = {"timeout": timedelta(seconds=float(seconds))} if seconds else {}  # torch's default: 30 minutes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **group)
     return state.device.type, state.is_main_process
 
 

@@ -13,6 +13,7 @@ synchronization of its own (see ``flows.training.guard``).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -260,6 +261,7 @@ class Trainer:
         batches, budget = self.batches(), 60 * tc.time_limit if tc.time_limit is not None else None
         self.objective.train()
         last = tc.steps if self.stop_at is None else min(tc.steps, self.stop_at)
+        self._bar_total(bar, last)
         while progress.step < last:
             if progress.horizon is not None and progress.work >= progress.horizon:
                 acc.print(f"the planned work of the time budget is done at step {progress.step}")
@@ -285,7 +287,12 @@ class Trainer:
             bar.update(1)
             if log_now:
                 self._log_step(record, t0, bar)
-            stop = self._fix_plan() if self._plan_due(log_now) else False
+                self._bar_total(bar, last)  # the work per step drifts (the NFE of maximum likelihood)
+            if self._plan_due(log_now):
+                stop = self._fix_plan()
+                self._bar_total(bar, last)
+            else:
+                stop = False
             if not stop and self.schedule.due(progress.step) and progress.step < last:
                 stop = self._periodic()
             if stop:
@@ -298,6 +305,18 @@ class Trainer:
                 self.save()
         bar.close()
         return self.finish()
+
+    def _bar_total(self, bar: tqdm, last: int) -> None:
+        """The bar's total: the steps the time budget's plan fits (its ETA then ends inside the budget), else
+        ``last``."""
+        progress = self.progress
+        total = last
+        if progress.horizon is not None and progress.step > 0 and progress.work > 0:
+            per_step = progress.work / progress.step  # the work of a step so far (maximum likelihood: its NFE)
+            total = min(last, progress.step + math.ceil(max(progress.horizon - progress.work, 0) / per_step))
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
 
     def _log_step(self, record: dict[str, Any], t0: float, bar: tqdm) -> None:
         progress = self.progress
