@@ -23,20 +23,9 @@ from flows.errors import FlowsError
 
 __all__ = ["FlowDistribution"]
 
-SAMPLE_KEYS = {"generator", "batch_size", "guidance", "method", "atol", "rtol", "steps", "compile"}
-LOG_PROB_KEYS = {
-    "trace",
-    "probes",
-    "deq_samples",
-    "augment_samples",
-    "generator",
-    "batch_size",
-    "method",
-    "atol",
-    "rtol",
-    "steps",
-    "compile",
-}
+SOLVE_KEYS = {"method", "atol", "rtol", "steps", "compile", "generator", "batch_size"}  # every operation's
+SAMPLE_KEYS = SOLVE_KEYS | {"guidance"}
+LOG_PROB_KEYS = SOLVE_KEYS | {"trace", "probes", "deq_samples", "augment_samples"}
 
 
 class FlowDistribution(Distribution):

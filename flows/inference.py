@@ -262,8 +262,6 @@ def _loop(
 ) -> Path:
     from accelerate import PartialState
 
-    from flows.training.fit import fit
-
     state = PartialState()
     root, d = Path(cfg.run_dir), cfg.simulation
     if d.rounds > 1 and state.num_processes > 1:  # each round's training ends the process group the next one needs
@@ -298,58 +296,79 @@ def _loop(
         done = store.folder / f"round_{r}" / DONE
         if state.is_main_process:
             propose = _proposal(r, prior, flow, x_obs, store, cfg.train.seed, info, bounds)
-            info |= store.run(
-                r,
-                n,
-                propose,
-                simulator,
-                d.batch,
-                cfg.train.seed,
-                workers=d.workers,
-                executor=executor,
-                timeout=d.timeout,
-                log=store.folder / "progress.log",
-            )
-            pairs, x_shape = store.write_pairs(root / "simulations" / f"pairs_{r}.npz", range(r + 1))
-            x_obs = _check_x(x_obs, x_shape)
-            info["pairs"] = pairs
+            x_obs = _simulate(cfg, store, r, n, propose, simulator, executor, x_obs, info)
             atomic_write(done, json.dumps(info))
-            print(
-                f"round {r}: {info['simulated']:,} simulations from the {info['proposal']} ({info['dropped']:,} "
-                f"dropped: NaN or Inf), {pairs:,} pairs to train on",
-                file=sys.stderr,
-            )
         else:
             _await(done)
         state.wait_for_everyone()
         info["simulation_seconds"] = time.perf_counter() - start
         minutes = None if total is None else float(total * weights[r])
-        rcfg = _round_config(cfg, r, root, bounds, minutes)
-        run_dir = Path(rcfg.run_dir)
-        if not (run_dir / "eval.json").exists():
-            saved = (run_dir / "config.yaml").exists()
-            again = saved and (rcfg.train.members > 1 or latest_checkpoint(run_dir) is not None)
-            if not again and run_dir.exists() and state.is_main_process:  # killed before its first checkpoint
-                shutil.rmtree(run_dir)
-            state.wait_for_everyone()
-            fit(load_config(run_dir / "config.yaml") if again else rcfg, resume=again)
-        flow = load(run_dir)
+        flow = _train(_round_config(cfg, r, root, bounds, minutes), state.is_main_process, state.wait_for_everyone)
         info["train_minutes"] = minutes
         report["rounds"].append(info)
     if state.is_main_process:
-        last = root / f"round_{len(shares) - 1}"
-        copies = {name: last / name for name in ("model.safetensors", "eval.json")}
-        copies["simulations.npz"] = root / "simulations" / f"pairs_{len(shares) - 1}.npz"
-        for name, source in copies.items():
-            with atomic_path(root / name) as tmp:
-                shutil.copyfile(source, tmp)
-        report |= {"simulations": sum(i["simulated"] for i in report["rounds"]), "bounds": bounds}
-        if d.rounds == 1 and d.calibration > 0:
-            report["calibration"] = check_calibration(root, d.calibration, cfg.train.seed)
-        atomic_write(root / "inference.json", json.dumps(report, indent=2))
+        _finish(cfg, root, len(shares) - 1, report | {"bounds": bounds})
     else:  # training ended the process group (flows.training.accelerator.end): wait on the file, not a collective
         _await(root / "inference.json")
     return root
+
+
+def _simulate(
+    cfg: Config,
+    store: SimulationStore,
+    r: int,
+    n: int,
+    propose: Callable[[int, int], torch.Tensor],
+    simulator: Callable[[torch.Tensor], Any],
+    executor: Executor | None,
+    x_obs: torch.Tensor | None,
+    info: dict[str, Any],
+) -> torch.Tensor | None:
+    """Round ``r``'s ``n`` simulations (main process) and the pairs of rounds 0..r in one file; ``info`` gains the
+    counts. Returns ``x_obs`` checked against the simulator's x."""
+    d = cfg.simulation
+    log = store.folder / "progress.log"
+    options = {"workers": d.workers, "executor": executor, "timeout": d.timeout, "log": log}
+    info |= store.run(r, n, propose, simulator, d.batch, cfg.train.seed, **options)
+    pairs, x_shape = store.write_pairs(store.folder / f"pairs_{r}.npz", range(r + 1))
+    info["pairs"] = pairs
+    print(
+        f"round {r}: {info['simulated']:,} simulations from the {info['proposal']} ({info['dropped']:,} "
+        f"dropped: NaN or Inf), {pairs:,} pairs to train on",
+        file=sys.stderr,
+    )
+    return _check_x(x_obs, x_shape)
+
+
+def _train(rcfg: Config, main: bool, barrier: Callable[[], None]) -> Flow:
+    """Train a round's posterior (resumed from its checkpoint if one exists; from scratch if it was killed before
+    its first) unless it is done; the posterior."""
+    from flows.training.fit import fit
+
+    run_dir = Path(rcfg.run_dir)
+    if not (run_dir / "eval.json").exists():
+        saved = (run_dir / "config.yaml").exists()
+        again = saved and (rcfg.train.members > 1 or latest_checkpoint(run_dir) is not None)
+        if not again and run_dir.exists() and main:  # killed before its first checkpoint
+            shutil.rmtree(run_dir)
+        barrier()
+        fit(load_config(run_dir / "config.yaml") if again else rcfg, resume=again)
+    return load(run_dir)
+
+
+def _finish(cfg: Config, root: Path, last: int, report: dict[str, Any]) -> None:
+    """The last round's posterior, evaluation and pairs at the top of the run, the calibration check of an amortized
+    run, and ``inference.json`` (main process)."""
+    copies = {name: root / f"round_{last}" / name for name in ("model.safetensors", "eval.json")}
+    copies["simulations.npz"] = root / "simulations" / f"pairs_{last}.npz"
+    for name, source in copies.items():
+        with atomic_path(root / name) as tmp:
+            shutil.copyfile(source, tmp)
+    report["simulations"] = sum(i["simulated"] for i in report["rounds"])
+    d = cfg.simulation
+    if d.rounds == 1 and d.calibration > 0:
+        report["calibration"] = check_calibration(root, d.calibration, cfg.train.seed)
+    atomic_write(root / "inference.json", json.dumps(report, indent=2))
 
 
 def check_calibration(root: Path, pairs: int, seed: int = 0) -> dict[str, Any]:

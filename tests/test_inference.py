@@ -21,7 +21,7 @@ from flows.calibration import calibrate
 from flows.context import Context
 from flows.errors import ConfigError, FlowsError, SimulationError
 from flows.flow import Flow
-from flows.inference import POSTERIOR, inside
+from flows.inference import inside
 from flows.nn import TimeMLP
 from flows.preprocess import Preprocess
 from flows.prior import TruncatedPrior, prior_box
@@ -52,12 +52,6 @@ def amortized(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ the loop
-def test_the_built_in_recipe_is_configs_posterior_yaml():
-    recipe = yaml.safe_load((ROOT / "configs" / "posterior.yaml").read_text())
-    recipe["data"].pop("path")
-    assert recipe == POSTERIOR
-
-
 def test_amortized_inference_recovers_the_closed_form_posterior(amortized):
     root, flow = amortized
     assert flow.context is not None and flow.path == root / "model.safetensors"
